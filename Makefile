@@ -1,0 +1,34 @@
+# hessdiag: `make demo` and `make test` set everything up from nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) -e '.[plot]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[plot,test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/hessdiag demo --out-dir demo-output
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check hessdiag cli tests benchmarks
+
+bench: $(VENV)/.installed-test
+	$(PIP) -e '.[bench]'
+	$(BIN)/python benchmarks/bench_spectrum.py
+
+clean:
+	rm -rf $(VENV) demo-output

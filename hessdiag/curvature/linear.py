@@ -1,0 +1,151 @@
+"""What the solvers need of an operator, and the small shared pieces they use.
+
+A solver accepts anything with ``matvec(v) -> H v`` on flat torch vectors and a ``dim``
+(or ``shape``); ``dtype`` and ``device`` are read when present. A dense torch tensor,
+NumPy array or SciPy ``LinearOperator`` is wrapped with :func:`as_operator`, so every
+solver is testable on plain matrices with a known spectrum.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Progress = Callable[[int, int], None] | None
+"""``progress(done, total)``: products computed so far and the budget; ``None`` for none."""
+
+
+class LinearOperator(Protocol):
+    dim: int
+
+    def matvec(self, v: Tensor) -> Tensor: ...
+
+
+class MatrixOperator:
+    """A dense symmetric matrix as an operator (for tests, and for small problems)."""
+
+    def __init__(self, matrix: Any, dtype: torch.dtype | None = None, device=None) -> None:
+        m = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, Tensor) else matrix)
+        if m.dim() != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"matrix must be square; got shape {tuple(m.shape)}")
+        self.matrix = m.to(dtype=dtype or (m.dtype if m.is_floating_point() else torch.float64),
+                           device=device or m.device)
+        self.dim = m.shape[0]
+        self.shape = (self.dim, self.dim)
+        self.dtype = self.matrix.dtype
+        self.device = self.matrix.device
+        self.hvp_count = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        self.hvp_count += 1
+        return self.matrix @ v.to(self.matrix)
+
+
+class _ScipyWrapped:
+    def __init__(self, op: Any) -> None:
+        self.op = op
+        self.dim = op.shape[0]
+        self.dtype = torch.float64
+        self.device = torch.device("cpu")
+
+    def matvec(self, v: Tensor) -> Tensor:
+        out = self.op.matvec(v.detach().cpu().double().numpy())
+        return torch.as_tensor(np.asarray(out).reshape(-1), dtype=torch.float64)
+
+
+def as_operator(op: Any) -> Any:
+    """Return ``op`` if it has ``matvec``; wrap tensors, arrays and SciPy operators."""
+    if isinstance(op, Tensor | np.ndarray):
+        return MatrixOperator(op)
+    if type(op).__module__.startswith("scipy"):
+        return _ScipyWrapped(op)
+    if hasattr(op, "matvec") and (hasattr(op, "dim") or hasattr(op, "shape")):
+        return op
+    raise TypeError(f"expected an operator with matvec(v) and dim, or a matrix; got {type(op)}")
+
+
+@dataclass
+class OperatorInfo:
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def operator_info(op: Any) -> OperatorInfo:
+    dim = int(getattr(op, "dim", None) or op.shape[0])
+    dtype = getattr(op, "dtype", torch.float64)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float64
+    device = torch.device(getattr(op, "device", "cpu"))
+    return OperatorInfo(dim, dtype, device)
+
+
+@dataclass
+class Counter:
+    """Counts a solver's own products and times it, whatever the operator counts itself."""
+
+    op: Any
+    progress: Progress = None
+    budget: int = 0
+    hvps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        out = self.op.matvec(v)
+        self.hvps += 1
+        if self.progress is not None:
+            self.progress(self.hvps, self.budget)
+        return out
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def generator(seed: int | None) -> torch.Generator:
+    """A CPU generator: the same seed gives the same probes on every device."""
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def rademacher(n: int, k: int, gen: torch.Generator, info: OperatorInfo) -> Tensor:
+    """``k`` Rademacher (+-1) probe vectors as the columns of an ``(n, k)`` tensor."""
+    signs = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int8)
+    return (signs.to(info.dtype) * 2 - 1).to(info.device)
+
+
+def gaussian(n: int, k: int, gen: torch.Generator, info: OperatorInfo) -> Tensor:
+    return torch.randn(n, k, generator=gen, dtype=torch.float64).to(info.dtype).to(info.device)
+
+
+def orthonormalize(block: Tensor, basis: Tensor | None, rtol: float) -> Tensor:
+    """Columns of ``block`` made orthonormal and orthogonal to ``basis`` (twice Gram-Schmidt).
+
+    Columns that vanish (relative to their norm before projection, below ``rtol``) are dropped.
+    """
+    norms_before = torch.linalg.vector_norm(block, dim=0)
+    if basis is not None and basis.shape[1]:
+        for _ in range(2):
+            block = block - basis @ (basis.T @ block)
+    kept = []
+    for j in range(block.shape[1]):
+        col = block[:, j]
+        for _ in range(2):
+            for q in kept:
+                col = col - (q @ col) * q
+        norm = torch.linalg.vector_norm(col)
+        if norm > rtol * max(float(norms_before[j]), 1e-300):
+            kept.append(col / norm)
+    if not kept:
+        return block[:, :0]
+    return torch.stack(kept, dim=1)

@@ -1,0 +1,542 @@
+"""Hessian-vector products of a model's mean loss, as a symmetric linear operator.
+
+The operator acts on the flat vector of the selected parameters. For batches
+``B_1 .. B_m`` with ``n_b`` samples each and a mean-reduced loss ``L_b``, the loss is
+the mean over all ``N = sum n_b`` samples, ``L = sum_b (n_b / N) L_b``, and so is its
+Hessian: ``H v = sum_b (n_b / N) H_b v``. A sum-reduced loss (``reduction="sum"``)
+is divided by ``N`` instead, so both describe the per-sample mean.
+
+Three ways to compute ``H_b v`` (Pearlmutter 1994):
+
+``forward-over-reverse``
+    ``torch.func.jvp`` of ``torch.func.grad`` through ``functional_call``: one forward,
+    one backward, both carrying a tangent.
+``double-backward``
+    reverse-over-reverse: build the gradient with ``create_graph=True`` and
+    differentiate ``<g, v>`` again. Works for every op with a double-backward formula.
+``retained-graph``
+    as ``double-backward`` on a single batch, but the gradient's graph is built once and
+    kept, so each product is one extra backward pass. Costs the memory of that graph.
+
+``mode="auto"`` measures the candidates on the first product and keeps the faster one
+(``forward-over-reverse`` versus ``retained-graph`` on one batch, versus
+``double-backward`` on several), and falls back to reverse-over-reverse when an op of
+the model lacks a forward-mode formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+MODES = ("auto", "forward-over-reverse", "double-backward", "retained-graph")
+
+ParamSelector = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
+
+
+class NondeterministicOperatorError(ValueError):
+    """Two products of the same vector disagreed: the operator is not a fixed matrix."""
+
+
+def _is_batch(obj: Any) -> bool:
+    return (
+        isinstance(obj, tuple | list)
+        and len(obj) == 2
+        and isinstance(obj[0], Tensor | Mapping | tuple | list)
+        and isinstance(obj[1], Tensor)
+    ) and not (isinstance(obj[0], tuple | list) and len(obj[0]) == 2 and _is_batch(obj[0]))
+
+
+def _select_params(model: nn.Module, params: ParamSelector) -> dict[str, nn.Parameter]:
+    named = dict(model.named_parameters())
+    trainable = {n: p for n, p in named.items() if p.requires_grad}
+    if not trainable:
+        raise ValueError(
+            f"model {type(model).__name__} has no trainable parameters "
+            "(all have requires_grad=False): nothing to differentiate"
+        )
+    if params is None:
+        chosen = trainable
+    elif isinstance(params, str):
+        pattern = params
+        chosen = {
+            n: p
+            for n, p in trainable.items()
+            if fnmatch.fnmatchcase(n, pattern)
+            or n == pattern
+            or n.startswith(pattern + ".")
+            or re.fullmatch(pattern, n) is not None
+            if _safe_regex(pattern)
+        }
+    elif callable(params):
+        chosen = {n: p for n, p in trainable.items() if params(n, p)}
+    else:
+        wanted = list(params)
+        unknown = [n for n in wanted if n not in trainable]
+        if unknown:
+            raise ValueError(
+                f"parameter {unknown[0]!r} is not a trainable parameter of the model; "
+                f"available: {_preview(trainable)}"
+            )
+        chosen = {n: trainable[n] for n in wanted}
+    if not chosen:
+        raise ValueError(
+            f"parameter filter {params!r} selects no trainable parameter; "
+            f"available: {_preview(trainable)}"
+        )
+    return chosen
+
+
+def _safe_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _preview(names: Mapping[str, Any], n: int = 8) -> str:
+    keys = list(names)
+    text = ", ".join(keys[:n])
+    return text + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+class HessianOperator:
+    """The Hessian of a model's mean loss over a fixed set of batches.
+
+    Parameters
+    ----------
+    model:
+        Any ``nn.Module``. It is put in ``eval()`` mode for each product (BatchNorm uses
+        its running statistics, dropout is off) and restored afterwards, unless
+        ``train_mode=True``.
+    loss_fn:
+        ``loss_fn(outputs, targets) -> scalar``, mean-reduced over the batch (e.g.
+        ``nn.CrossEntropyLoss()``); an ``nn`` loss with ``reduction="sum"`` is accepted too.
+    data:
+        One batch ``(inputs, targets)`` or an iterable of such batches (a list, a
+        ``DataLoader``). ``inputs`` is a tensor, a tuple of tensors (passed as positional
+        arguments) or a dict (passed as keyword arguments). The iterable is iterated once
+        per product, so it must yield the same samples every time.
+    params:
+        Which parameters the Hessian is taken over: ``None`` (all trainable ones), a name
+        pattern (glob, regular expression, or a module prefix such as ``"fc1"``), a list of
+        names, or a predicate ``(name, parameter) -> bool``. The others are held fixed.
+    dtype, device:
+        Where and in what precision products are computed (default: the parameters').
+        ``torch.float64`` gives a float64 copy of parameters, buffers and inputs.
+    mode:
+        One of ``"auto"``, ``"forward-over-reverse"``, ``"double-backward"``,
+        ``"retained-graph"`` (see the module docstring).
+    check_determinism:
+        Compute the first product twice and raise :class:`NondeterministicOperatorError`
+        if the two differ by more than ``determinism_rtol`` (relative): a shuffling or
+        augmenting data pipeline, or dropout in train mode, makes the operator random.
+    batch_size_fn:
+        ``(inputs, targets) -> int`` samples in a batch; default: ``len(targets)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from hessdiag.curvature import HessianOperator, lanczos
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    >>> op = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), dtype=torch.float64)
+    >>> op.dim
+    23
+    >>> result = lanczos(op, k=2, seed=0)
+    >>> bool(result.converged.all())
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Tensor], Tensor],
+        data: Any,
+        *,
+        params: ParamSelector = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        mode: str = "auto",
+        train_mode: bool = False,
+        check_determinism: bool = True,
+        determinism_rtol: float | None = None,
+        batch_size_fn: Callable[[Any, Tensor], int] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.train_mode = train_mode
+        self.requested_mode = mode
+        self.check_determinism = check_determinism
+        self._batch_size_fn = batch_size_fn or (lambda inputs, targets: int(targets.shape[0]))
+
+        selected = _select_params(model, params)
+        first = next(iter(selected.values()))
+        self.dtype = dtype or first.dtype
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type; got {self.dtype}")
+        self.device = torch.device(device) if device is not None else first.device
+        self.determinism_rtol = (
+            determinism_rtol
+            if determinism_rtol is not None
+            else (1e-8 if self.dtype == torch.float64 else 1e-3)
+        )
+
+        self.param_names = list(selected)
+        self.shapes = [p.shape for p in selected.values()]
+        self.numels = [p.numel() for p in selected.values()]
+        self.dim = sum(self.numels)
+        self.shape = (self.dim, self.dim)
+        self.params = {
+            n: p.detach().to(device=self.device, dtype=self.dtype) for n, p in selected.items()
+        }
+        self.fixed = {
+            n: _cast(t.detach(), self.device, self.dtype)
+            for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if n not in selected
+        }
+
+        if _is_batch(data):
+            self._batches: Iterable[Any] = [data]
+            self.single_batch = True
+        elif isinstance(data, Iterable) and not isinstance(data, Tensor | str | bytes):
+            self._batches = data
+            self.single_batch = False
+        else:
+            raise ValueError(
+                "data must be one batch (inputs, targets) or an iterable of such batches; "
+                f"got {type(data).__name__}"
+            )
+        self._sum_reduction = getattr(loss_fn, "reduction", "mean") == "sum"
+        self.n_samples: int | None = None
+        self.n_batches: int | None = None
+        self.mode: str | None = None if mode == "auto" else mode
+        self.mode_timings: dict[str, float] = {}
+        self.hvp_count = 0
+        self.hvp_seconds = 0.0
+        self._checked = False
+        self._retained: list[tuple[list[Tensor], list[Tensor], int, Tensor]] | None = None
+
+    # ------------------------------------------------------------------ vectors
+    def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors (dict by name, or in order) into one vector."""
+        items = [tensors[n] for n in self.param_names] if isinstance(tensors, Mapping) else tensors
+        return torch.cat([t.reshape(-1).to(self.device, self.dtype) for t in items])
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector into tensors shaped like the selected parameters."""
+        if vector.shape != (self.dim,):
+            raise ValueError(f"vector must have shape ({self.dim},); got {tuple(vector.shape)}")
+        parts = torch.split(vector, self.numels)
+        return {n: t.view(s) for n, t, s in zip(self.param_names, parts, self.shapes, strict=True)}
+
+    def parameter_vector(self) -> Tensor:
+        """The selected parameters' current values as one flat vector."""
+        return self.flatten(self.params)
+
+    # ------------------------------------------------------------------ products
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` (shape ``(dim,)``), in the operator's dtype."""
+        if isinstance(v, Mapping):
+            return self.unflatten(self.matvec(self.flatten(v)))  # type: ignore[return-value]
+        v = v.to(device=self.device, dtype=self.dtype)
+        if v.shape != (self.dim,):
+            raise ValueError(f"vector must have shape ({self.dim},); got {tuple(v.shape)}")
+        start = time.perf_counter()
+        if not self._checked:
+            out = self._first_matvec(v)
+        else:
+            out = self._matvec_with(self.mode, v)  # type: ignore[arg-type]
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                "the Hessian-vector product has NaN or inf entries: the loss or the model "
+                "overflows at these parameters (try dtype=torch.float64)"
+            )
+        self.hvp_seconds += time.perf_counter() - start
+        return out
+
+    __matmul__ = matvec
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """``H V`` for the columns of ``V`` (shape ``(dim, k)``)."""
+        return torch.stack([self.matvec(vectors[:, j]) for j in range(vectors.shape[1])], dim=1)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` in float64 (for ``eigsh`` and friends)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x):
+            x = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
+            return self.matvec(x).detach().cpu().double().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, dtype=np.float64)
+
+    # ------------------------------------------------------------------ internals
+    def _iter_batches(self):
+        count = 0
+        for batch in self._batches:
+            if not (isinstance(batch, tuple | list) and len(batch) >= 2):
+                raise ValueError(
+                    "each batch must be a pair (inputs, targets); "
+                    f"batch {count} is a {type(batch).__name__}"
+                )
+            inputs, targets = batch[0], batch[1]
+            n = self._batch_size_fn(inputs, targets)
+            count += 1
+            yield _cast(inputs, self.device, self.dtype), targets.to(self.device), n
+        if count == 0:
+            raise ValueError("no batches: the data is empty, so there is no loss to differentiate")
+
+    def _loss(self, params: dict[str, Tensor], inputs: Any, targets: Tensor) -> Tensor:
+        state = {**self.fixed, **params}
+        if isinstance(inputs, Mapping):
+            outputs = functional_call(self.model, state, args=(), kwargs=dict(inputs))
+        elif isinstance(inputs, tuple | list):
+            outputs = functional_call(self.model, state, tuple(inputs))
+        else:
+            outputs = functional_call(self.model, state, (inputs,))
+        loss = self.loss_fn(outputs, targets)
+        if loss.dim() != 0:
+            raise ValueError(
+                f"loss_fn must return a scalar; got shape {tuple(loss.shape)} "
+                "(use reduction='mean')"
+            )
+        return loss
+
+    def _hvp_fwd_rev(self, v: dict[str, Tensor], inputs, targets) -> tuple[dict, Tensor]:
+        def grad_and_loss(p):
+            def f(q):
+                loss = self._loss(q, inputs, targets)
+                return loss, loss.detach()
+
+            return torch.func.grad(f, has_aux=True)(p)
+
+        _, hv, loss = torch.func.jvp(grad_and_loss, (self.params,), (v,), has_aux=True)
+        return hv, loss
+
+    def _hvp_double_backward(self, v: dict[str, Tensor], inputs, targets) -> tuple[dict, Tensor]:
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        with torch.enable_grad():
+            loss = self._loss(leaves, inputs, targets)
+            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+            hv = torch.autograd.grad(
+                grads, list(leaves.values()), grad_outputs=[v[n] for n in leaves],
+                allow_unused=True,
+            )
+        out = {
+            n: (h if h is not None else torch.zeros_like(p))
+            for (n, p), h in zip(leaves.items(), hv, strict=True)
+        }
+        return out, loss.detach()
+
+    def _build_retained(self) -> None:
+        self._retained = []
+        for inputs, targets, n in self._iter_batches():
+            leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
+            with torch.enable_grad():
+                loss = self._loss(dict(zip(self.param_names, leaves, strict=True)), inputs, targets)
+                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            self._retained.append((leaves, list(grads), n, loss.detach()))
+
+    def _matvec_with(self, mode: str, v: Tensor, first: bool = False) -> Tensor:
+        with _eval_mode(self.model, self.train_mode), _math_attention():
+            if mode == "retained-graph":
+                return self._matvec_retained(v, first)
+            vd = self.unflatten(v)
+            total = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+            n_total = 0
+            n_batches = 0
+            hvp = self._hvp_fwd_rev if mode == "forward-over-reverse" else self._hvp_double_backward
+            for i, (inputs, targets, n) in enumerate(self._iter_batches()):
+                hv, loss = hvp(vd, inputs, targets)
+                if first and not bool(torch.isfinite(loss)):
+                    raise ValueError(f"the loss is {loss.item()} on batch {i}: not finite")
+                weight = 1.0 if self._sum_reduction else float(n)
+                total.add_(self.flatten(hv), alpha=weight)
+                n_total += n
+                n_batches += 1
+        self._record_samples(n_total, n_batches)
+        self.hvp_count += 1
+        return total / n_total
+
+    def _matvec_retained(self, v: Tensor, first: bool) -> Tensor:
+        if self._retained is None:
+            self._build_retained()
+        vs = list(self.unflatten(v).values())
+        total = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+        n_total = 0
+        for i, entry in enumerate(self._retained):
+            n, loss = entry[2], entry[3]
+            if first and not bool(torch.isfinite(loss)):
+                raise ValueError(f"the loss is {loss.item()} on batch {i}: not finite")
+            hv = self._retained_product(entry, vs)
+            total.add_(self.flatten(hv), alpha=1.0 if self._sum_reduction else float(n))
+            n_total += n
+        self._record_samples(n_total, len(self._retained))
+        self.hvp_count += 1
+        return total / n_total
+
+    @staticmethod
+    def _retained_product(entry, vs: list[Tensor]) -> list[Tensor]:
+        leaves, grads = entry[0], entry[1]
+        hv = torch.autograd.grad(grads, leaves, grad_outputs=vs, retain_graph=True,
+                                 allow_unused=True)
+        return [h if h is not None else torch.zeros_like(p) for h, p in zip(hv, leaves,
+                                                                            strict=True)]
+
+    def _record_samples(self, n_total: int, n_batches: int) -> None:
+        if self.n_samples is not None and n_total != self.n_samples:
+            raise NondeterministicOperatorError(
+                f"the data yielded {n_total} samples in {n_batches} batches this time, "
+                f"{self.n_samples} before: it must yield the same samples every pass"
+            )
+        if n_total <= 0:
+            raise ValueError("the data holds no samples (batches of size 0)")
+        self.n_samples, self.n_batches = n_total, n_batches
+
+    def _first_matvec(self, v: Tensor) -> Tensor:
+        """First product: choose the mode, check determinism and finiteness."""
+        if self.mode is None:
+            self.mode = self._choose_mode(v)
+        try:
+            out = self._matvec_with(self.mode, v, first=True)
+        except (RuntimeError, NotImplementedError) as exc:
+            if self.mode == "forward-over-reverse" and _lacks_forward_ad(exc):
+                raise ValueError(
+                    "forward-over-reverse products need forward-mode AD, which an op of this "
+                    f"model lacks ({_first_line(exc)}); use mode='double-backward'"
+                ) from exc
+            raise
+        if self.check_determinism:
+            second = self._matvec_with(self.mode, v)
+            diff = float(torch.linalg.vector_norm(out - second))
+            scale = float(torch.linalg.vector_norm(out)) or 1.0
+            if diff > self.determinism_rtol * scale:
+                raise NondeterministicOperatorError(
+                    f"two Hessian-vector products of the same vector differ by {diff / scale:.2e}"
+                    f" (relative; tolerance {self.determinism_rtol:.0e}): the data pipeline "
+                    "shuffles or augments, or dropout is active; pass fixed batches without "
+                    "augmentation and keep the model in eval mode"
+                )
+        self._checked = True
+        return out
+
+    def _choose_mode(self, v: Tensor) -> str:
+        """Time each candidate twice on the first batch (the first call of each pays
+        one-off costs; retained-graph builds its graph) and return the faster.
+
+        Forward-over-reverse is skipped when an op of the model has no forward-mode
+        formula. The products computed here count towards ``hvp_count``.
+        """
+        reverse = "retained-graph" if self.single_batch else "double-backward"
+        candidates = ["forward-over-reverse", reverse]
+        vd = self.unflatten(v)
+        batch = next(iter(self._iter_batches()))
+        for mode in candidates:
+            for _ in range(2):
+                start = time.perf_counter()
+                try:
+                    with _eval_mode(self.model, self.train_mode), _math_attention():
+                        if mode == "retained-graph":
+                            if self._retained is None:
+                                self._build_retained()
+                            self._retained_product(self._retained[0], list(vd.values()))
+                        else:
+                            hvp = (self._hvp_fwd_rev if mode == "forward-over-reverse"
+                                   else self._hvp_double_backward)
+                            hvp(vd, batch[0], batch[1])
+                except (RuntimeError, NotImplementedError) as exc:
+                    if mode == "forward-over-reverse" and _lacks_forward_ad(exc):
+                        self.mode_timings[mode] = float("inf")
+                        break
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.mode_timings[mode] = time.perf_counter() - start
+                self.hvp_count += 1
+        chosen = min(candidates, key=lambda m: self.mode_timings[m])
+        if chosen != "retained-graph":
+            self._retained = None
+        return chosen
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and counters, JSON-serialisable (for results and the store)."""
+        return {
+            "dim": self.dim,
+            "params": self.param_names if len(self.param_names) <= 64 else len(self.param_names),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "mode": self.mode or self.requested_mode,
+            "mode_timings": dict(self.mode_timings),
+            "samples": self.n_samples,
+            "batches": self.n_batches,
+            "train_mode": self.train_mode,
+            "hvps": self.hvp_count,
+        }
+
+
+def _cast(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _cast(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(_cast(v, device, dtype) for v in obj)
+    return obj
+
+
+def _math_attention():
+    """Scaled dot-product attention through the math kernel: the fused CPU/GPU kernels
+    have neither forward-mode nor double-backward formulas."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _lacks_forward_ad(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(
+        key in text
+        for key in ("forward ad", "forward-mode", "forward mode", "jvp", "forward_ad", "fw_grad")
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+class _eval_mode:
+    """Put a model in eval mode (unless ``keep``) and restore every submodule's flag."""
+
+    def __init__(self, model: nn.Module, keep: bool) -> None:
+        self.model, self.keep = model, keep
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        if not self.keep:
+            self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+        return False

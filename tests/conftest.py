@@ -1,0 +1,114 @@
+"""Shared test fixtures: a zoo of small models and dense float64 Hessians as the truth."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
+    """The Hessian of the sample-weighted mean loss over ``batches``, in float64, of a
+    function of the flat parameter vector (eval mode)."""
+    model = copy.deepcopy(model).double().eval()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params) if names is None else list(names)
+    fixed = {n: t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+             if n not in names}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat0 = torch.cat([params[n].reshape(-1) for n in names])
+    total = sum(int(y.shape[0]) for _, y in batches)
+
+    def mean_loss(flat):
+        chunks = torch.split(flat, sizes)
+        state = {**fixed, **{n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}}
+        acc = 0.0
+        for x, y in batches:
+            x = x.double() if x.is_floating_point() else x
+            out = torch.func.functional_call(model, state, (x,))
+            acc = acc + loss_fn(out, y.double() if y.is_floating_point() else y) * y.shape[0]
+        return acc / total
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # torch.autograd.functional.hessian (reverse-over-reverse, one row at a time), not
+    # torch.func.hessian: vmap through nn.MultiheadAttention gives an asymmetric, wrong
+    # Hessian in torch 2.14 (checked against this and against finite differences).
+    with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no double-backward
+        H = torch.autograd.functional.hessian(mean_loss, flat0)
+    assert torch.allclose(H, H.T, atol=1e-12 * float(H.abs().max())), "truth not symmetric"
+    return H
+
+
+class SharedWeights(nn.Module):
+    """The same linear layer applied twice (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.1,
+                                                  batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def _cnn_bn():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    )
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        model.train()
+        for _ in range(3):
+            model(torch.randn(16, 1, 6, 6) * 2 + 0.5)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _batches(make_x, n_classes=3, sizes=(7, 5, 8)):
+    return [(make_x(n), torch.randint(0, n_classes, (n,))) for n in sizes]
+
+
+ZOO = {
+    "mlp-tanh": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+                 lambda n: torch.randn(n, 4)),
+    "cnn-batchnorm-eval": (_cnn_bn, lambda n: torch.randn(n, 1, 6, 6)),
+    "mlp-dropout": (lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5),
+                                          nn.Linear(6, 3)), lambda n: torch.randn(n, 4)),
+    "weight-sharing": (SharedWeights, lambda n: torch.randn(n, 4)),
+    "gru": (GRUClassifier, lambda n: torch.randn(n, 5, 3)),
+    "transformer-encoder": (TinyTransformer, lambda n: torch.randn(n, 3, 4)),
+}
+
+
+@pytest.fixture(params=sorted(ZOO))
+def zoo_case(request):
+    """(name, model, loss_fn, batches of unequal sizes) for each model of the zoo."""
+    torch.manual_seed(1234)
+    make_model, make_x = ZOO[request.param]
+    model = make_model()
+    return request.param, model, nn.CrossEntropyLoss(), _batches(make_x)
