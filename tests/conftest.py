@@ -8,6 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+# the tests use tiny problems: one thread avoids thread start-up and spin-wait costs that
+# dominate (and vary wildly on a loaded machine) at these sizes
+torch.set_num_threads(1)
+
 
 def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
     """The Hessian of the sample-weighted mean loss over ``batches``, in float64, of a

@@ -78,7 +78,7 @@ def lanczos(
     max_hvps:
         Budget of products; default ``max(300, 20 * ncv)``, capped at ``10 * dim``.
     ncv:
-        Largest basis before a restart; default ``max(2 * wanted + block_size + 1, 20)``.
+        Largest basis before a restart; default ``max(2 * wanted + 1, 20) * block_size``.
     block_size:
         Starting vectors (see the module docstring).
     seed, v0:
@@ -114,7 +114,7 @@ def lanczos(
     tol = default_tol(info.dtype) if tol is None else float(tol)
     if not tol > 0:
         raise ValueError(f"tol must be positive; got {tol}")
-    ncv = min(n, ncv or max(2 * want + block_size + 1, 20))
+    ncv = min(n, ncv or max(2 * want + 1, 20) * block_size)
     if ncv < min(n, want + block_size):
         raise ValueError(f"ncv={ncv} is too small for {want} eigenpairs with block size "
                          f"{block_size}; use at least {want + block_size}")

@@ -66,15 +66,13 @@ def _select_params(model: nn.Module, params: ParamSelector) -> dict[str, nn.Para
     if params is None:
         chosen = trainable
     elif isinstance(params, str):
-        pattern = params
+        regex = _compile(params)
         chosen = {
             n: p
             for n, p in trainable.items()
-            if fnmatch.fnmatchcase(n, pattern)
-            or n == pattern
-            or n.startswith(pattern + ".")
-            or re.fullmatch(pattern, n) is not None
-            if _safe_regex(pattern)
+            if fnmatch.fnmatchcase(n, params)
+            or n.startswith(params + ".")
+            or (regex is not None and regex.fullmatch(n) is not None)
         }
     elif callable(params):
         chosen = {n: p for n, p in trainable.items() if params(n, p)}
@@ -95,12 +93,11 @@ def _select_params(model: nn.Module, params: ParamSelector) -> dict[str, nn.Para
     return chosen
 
 
-def _safe_regex(pattern: str) -> bool:
+def _compile(pattern: str) -> re.Pattern | None:
     try:
-        re.compile(pattern)
+        return re.compile(pattern)
     except re.error:
-        return False
-    return True
+        return None
 
 
 def _preview(names: Mapping[str, Any], n: int = 8) -> str:

@@ -27,7 +27,14 @@ import torch
 from torch import Tensor
 
 from hessdiag.curvature.lanczos import default_tol
-from hessdiag.curvature.linear import Counter, Progress, as_operator, gaussian, generator, operator_info
+from hessdiag.curvature.linear import (
+    Counter,
+    Progress,
+    as_operator,
+    gaussian,
+    generator,
+    operator_info,
+)
 from hessdiag.curvature.results import EigenResult
 
 
@@ -88,13 +95,12 @@ def power_iteration(
     gen = generator(seed)
 
     vecs: list[Tensor] = []
+    products: list[Tensor] = []
     values: list[float] = []
-    residuals: list[float] = []
-    converged: list[bool] = []
     iterations = 0
     for i in range(k):
         start = v0 if (i == 0 and v0 is not None) else None
-        u, theta, res, ok, its = _one_pair(
+        u, hu, theta, its = _one_pair(
             counter, info, vecs, values, deflation, sigma, start, gen, tol, max_iter
         )
         iterations += its
@@ -102,19 +108,36 @@ def power_iteration(
             # the dominant eigenvalue of H - sigma I is at the bottom of the spectrum:
             # shift there, so that the top of H dominates, and seek this pair again
             sigma = theta
-            u, theta, res, ok, its = _one_pair(
+            u, hu, theta, its = _one_pair(
                 counter, info, vecs, values, deflation, sigma, None, gen, tol, max_iter
             )
             iterations += its
         vecs.append(u)
+        products.append(hu)
         values.append(theta)
-        residuals.append(res)
-        converged.append(ok)
+
+    # Rayleigh-Ritz on the span of the found vectors, from the products already computed:
+    # each vector's error lies mostly along the next ones (the slower-converging
+    # directions), and deflating with inexact vectors passes that error on; this removes
+    # it at no extra product
+    U, HU = torch.stack(vecs, dim=1), torch.stack(products, dim=1)
+    T = (U.T @ HU).double().cpu().numpy()
+    theta, S = np.linalg.eigh(0.5 * (T + T.T))
+    order = np.argsort(-theta)
+    theta, S = theta[order], torch.as_tensor(S[:, order], dtype=info.dtype, device=info.device)
+    U, HU = U @ S, HU @ S
+    norms = torch.linalg.vector_norm(U, dim=0)
+    U, HU = U / norms, HU / norms
+    th = torch.as_tensor(theta, dtype=info.dtype, device=info.device)
+    residuals = torch.linalg.vector_norm(HU - U * th, dim=0).double().cpu().numpy()
+    floor = torch.finfo(info.dtype).eps ** (2 / 3)
+    scale = np.maximum(np.abs(theta), floor * np.abs(theta - sigma))
+    converged = residuals <= tol * np.maximum(scale, torch.finfo(info.dtype).tiny)
 
     return EigenResult(
-        eigenvalues=np.array(values),
-        residuals=np.array(residuals),
-        converged=np.array(converged, dtype=bool),
+        eigenvalues=theta,
+        residuals=residuals,
+        converged=converged,
         which="largest",
         method="power",
         tol=tol,
@@ -122,7 +145,7 @@ def power_iteration(
         iterations=iterations,
         seconds=counter.seconds,
         seed=seed,
-        eigenvectors=torch.stack(vecs, dim=1),
+        eigenvectors=U,
         settings={"k": k, "max_iter": max_iter, "shift": sigma, "shift_mode": str(shift),
                   "deflation": deflation, "v0": v0 is not None},
     )
@@ -146,7 +169,6 @@ def _one_pair(counter, info, vecs, values, deflation, sigma, start, gen, tol, ma
         u = project(gaussian(n, 1, gen, info)[:, 0])
         norm = torch.linalg.vector_norm(u)
     u = u / norm
-    theta, res, ok = float("nan"), float("inf"), False
     for it in range(1, max_iter + 1):
         hu = counter(u)
         theta = float(u @ hu)
@@ -154,7 +176,7 @@ def _one_pair(counter, info, vecs, values, deflation, sigma, start, gen, tol, ma
         scale = max(abs(theta), floor * abs(theta - sigma), torch.finfo(info.dtype).tiny)
         ok = res <= tol * scale
         if ok or it == max_iter:
-            return u, theta, res, ok, it
+            return u, hu, theta, it
         # the iteration operator: (H - sigma I), deflated
         w = hu - sigma * u
         if U is not None and deflation == "hotelling":
@@ -163,6 +185,6 @@ def _one_pair(counter, info, vecs, values, deflation, sigma, start, gen, tol, ma
         w = project(w)
         wn = torch.linalg.vector_norm(w)
         if wn == 0:  # u spans an eigenspace of eigenvalue sigma in the deflated operator
-            return u, theta, res, ok, it
+            return u, hu, theta, it
         u = w / wn
-    return u, theta, res, ok, max_iter
+    raise AssertionError("unreachable: the loop returns at max_iter")
