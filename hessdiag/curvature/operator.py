@@ -30,6 +30,7 @@ import contextlib
 import fnmatch
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -323,7 +324,12 @@ class HessianOperator:
 
             return torch.func.grad(f, has_aux=True)(p)
 
-        _, hv, loss = torch.func.jvp(grad_and_loss, (self.params,), (v,), has_aux=True)
+        with warnings.catch_warnings():
+            # torch.func.jvp registers its decompositions through torch.jit.script on first
+            # use, which warns about its own deprecation: nothing a user can act on
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                                    category=FutureWarning)
+            _, hv, loss = torch.func.jvp(grad_and_loss, (self.params,), (v,), has_aux=True)
         return hv, loss
 
     def _hvp_double_backward(self, v: dict[str, Tensor], inputs, targets) -> tuple[dict, Tensor]:
