@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from hessdiag.cli import render
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hessdiag import __version__
-from hessdiag.cli import render
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -4,10 +4,10 @@ import json
 import subprocess
 import sys
 
+from hessdiag.cli.app import app
 from typer.testing import CliRunner
 
 from hessdiag import __version__
-from hessdiag.cli.app import app
 
 runner = CliRunner()
 
