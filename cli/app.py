@@ -69,12 +69,16 @@ def handles_errors(func: Callable) -> Callable:
     return wrapper
 
 
-def progress_bar(enabled: bool, label: str):
-    """A rich progress bar on stderr, or ``None`` when output is not a terminal or --quiet."""
+def with_progress(enabled: bool, label: str, job: Callable[[Any], Any]) -> Any:
+    """Run ``job(progress)`` with a rich progress bar on stderr counting HVPs, or with
+    ``progress=None`` when output is not a terminal or the bar is disabled."""
     if not enabled or not render.stderr.is_terminal:
-        return None
-    return Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed} HVPs"),
-                    TimeElapsedColumn(), console=render.stderr, transient=True)
+        return job(None)
+    bar = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed} HVPs"),
+                   TimeElapsedColumn(), console=render.stderr, transient=True)
+    with bar:
+        task = bar.add_task("hvps", total=None)
+        return job(lambda done, total: bar.advance(task))
 
 
 @app.command()
@@ -99,14 +103,9 @@ def demo(
     from hessdiag.plot import plot_density
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    bar = progress_bar(not quiet and not as_json, "Hessian spectrum")
-    if bar is None:
-        result = run_demo(epochs=epochs, seed=seed)
-    else:
-        with bar:
-            task = bar.add_task("hvps", total=None)
-            result = run_demo(epochs=epochs, seed=seed,
-                              progress=lambda done, total: bar.advance(task))
+    result = with_progress(not quiet and not as_json, "Hessian spectrum",
+                           lambda progress: run_demo(epochs=epochs, seed=seed,
+                                                     progress=progress))
     spectrum = result.spectrum
     payload = {"train_accuracy": result.train_accuracy, "test_accuracy": result.test_accuracy,
                "epochs": result.epochs, "parameters": result.parameters,
@@ -123,6 +122,233 @@ def demo(
     )
     render.stdout.print(render.spectrum_table(spectrum, "Hessian of the training loss"))
     render.stdout.print(f"wrote {out_dir / 'spectrum.json'} and {figure}")
+
+
+@app.command()
+@handles_errors
+def spectrum(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files (several: a run's "
+                                             "series, analysed in the order given)."),
+    model: str | None = typer.Option(None, "--model", help="Architecture for plain "
+                                     "state_dict files, or to override the recorded one: a "
+                                     "name from `hessdiag models`, package.module:factory "
+                                     "or file.py:factory."),
+    data: str | None = typer.Option(None, "--data", help="Data to measure on (default: the "
+                                    "checkpoint's): a name from `hessdiag datasets`, "
+                                    "imagefolder:PATH, or a factory spec."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding the "
+                                          "data set's files."),
+    download: bool = typer.Option(False, "--download", help="Download the data set into "
+                                  "--data-root if it is missing."),
+    split: str = typer.Option("train", "--split", help="train or test."),
+    samples: int | None = typer.Option(None, "--samples", help="Use the first N samples in "
+                                       "dataset order (default: all)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch; the "
+                                   "Hessian is of the mean loss over all samples either way."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Top eigenvalues to compute."),
+    lambda_min: bool = typer.Option(False, "--lambda-min", help="Also the most negative "
+                                    "eigenvalue and lambda_max/|lambda_min|."),
+    trace: bool = typer.Option(False, "--trace", help="Also the trace (Hutch++)."),
+    trace_hvps: int = typer.Option(99, "--trace-hvps", min=6, help="Products for the trace."),
+    density: bool = typer.Option(False, "--density", help="Also the spectral density (SLQ)."),
+    slq_probes: int = typer.Option(5, "--slq-probes", min=1, help="SLQ probe vectors."),
+    slq_steps: int = typer.Option(60, "--slq-steps", min=2, help="Lanczos steps per probe."),
+    method: str = typer.Option("lanczos", "--method", help="lanczos or power (iteration "
+                               "with deflation) for the top eigenvalues."),
+    tol: float = typer.Option(1e-3, "--tol", help="Relative residual ||Hu - θu|| / |θ| at "
+                              "which an eigenpair counts as converged."),
+    hvp_mode: str = typer.Option("auto", "--hvp-mode", help="auto, forward-over-reverse, "
+                                 "double-backward or retained-graph."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random start and probe."),
+    store: Path = typer.Option(Path("hessdiag.h5"), "--store", help="HDF5 store to append "
+                               "the analyses to."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write the density figure here "
+                                     "(PNG; needs --density; with several checkpoints, "
+                                     "one file each, numbered)."),
+    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="Allow checkpoints that "
+                                     "hold pickled Python objects. Unpickling runs code: "
+                                     "only for files you trust."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per checkpoint on "
+                                 "stdout, nothing else."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Top eigenvalues (with residuals), lambda_min, trace and spectral density of the
+    training-loss Hessian at each checkpoint; each analysis is appended to the store."""
+    from hessdiag.spectrum import (
+        METHODS,
+        DataSettings,
+        SpectrumSettings,
+        analyse_checkpoint,
+        load_for_analysis,
+        resolve_device,
+    )
+    from hessdiag.store import Store
+
+    if method not in METHODS:
+        raise UsageError(f"--method must be lanczos or power; got {method!r}")
+    if dtype not in ("float32", "float64"):
+        raise UsageError(f"--dtype must be float32 or float64; got {dtype!r}")
+    if split not in ("train", "test"):
+        raise UsageError(f"--split must be train or test; got {split!r}")
+    if not tol > 0:
+        raise UsageError(f"--tol must be positive; got {tol}")
+    if plot is not None and not density:
+        raise UsageError("--plot draws the spectral density: add --density")
+    resolve_device(device)
+    settings = SpectrumSettings(top_k=top_k, lambda_min=lambda_min, trace=trace,
+                                density=density, method=method, tol=tol,
+                                trace_hvps=trace_hvps, slq_probes=slq_probes,
+                                slq_steps=slq_steps, dtype=dtype, device=device,
+                                mode=hvp_mode, seed=seed)
+    data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
+                                 download=download, split=split, samples=samples,
+                                 batch_size=batch_size)
+    target = Store(store)
+    target.check_writable()
+    # every input is checked before anything is computed or written
+    for path in checkpoints:
+        load_for_analysis(str(path), model_spec=model, data=data_settings, unsafe=unsafe_load)
+    if unsafe_load:
+        render.stderr.print("[yellow]warning:[/yellow] --unsafe-load: pickled objects in "
+                            "these checkpoints were allowed to run code")
+    for n, path in enumerate(checkpoints):
+        done = with_progress(
+            not quiet and not as_json, path.name,
+            lambda progress, path=path: analyse_checkpoint(
+                str(path), settings=settings, data=data_settings, model_spec=model,
+                unsafe=unsafe_load, store=target, progress=progress),
+        )
+        figure = None
+        if plot is not None:
+            from hessdiag.plot import plot_density
+
+            out = plot if len(checkpoints) == 1 else plot.with_name(
+                f"{plot.stem}-{n + 1}{plot.suffix or '.png'}")
+            figure = plot_density(done.result.density, out,
+                                  eigenvalues=done.result.top.eigenvalues,
+                                  title=f"{path.name}: Hessian spectral density")
+        if as_json:
+            render.emit_json({"checkpoint": str(path), "step": done.checkpoint.step,
+                              **done.result.to_dict(), "analysis_id": done.analysis_id})
+            continue
+        step = "" if done.checkpoint.step is None else f", step {done.checkpoint.step}"
+        render.stdout.print(render.spectrum_table(
+            done.result, f"{path}{step}: {done.checkpoint.model_spec} on "
+                         f"{done.data['spec']} ({done.data['split']})"))
+        render.stdout.print(f"analysis {done.analysis_id} written to {store}"
+                            + (f"; figure {figure}" if figure else ""))
+
+
+@app.command()
+@handles_errors
+def show(
+    store: Path = typer.Argument(Path("hessdiag.h5"), help="The store to read."),
+    analysis_id: str | None = typer.Argument(None, help="Show one analysis in full."),
+    as_json: bool = typer.Option(False, "--json", help="The same as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """The runs and analyses in a store, or one analysis in full."""
+    from hessdiag.store import Store
+    from hessdiag.store.tables import analysis_row, eigenvalue_rows
+
+    source = Store(store)
+    if not store.exists():
+        raise UsageError(f"store {store} does not exist (run `hessdiag spectrum` first, or "
+                         "give the path of a store)")
+    if analysis_id is not None:
+        record = source.analysis(analysis_id)
+        row, eig = analysis_row(record), eigenvalue_rows(record)
+        if as_json:
+            render.emit_json({**row, "eigenvalues": eig, "attrs": record.attrs})
+            return
+        render.stdout.print(render.analysis_detail(row, eig, record))
+        return
+    records = source.analyses()
+    rows = [analysis_row(r) for r in records]
+    if as_json:
+        render.emit_json({"store": str(store), **source.info(), "analyses": rows})
+        return
+    render.stdout.print(render.analyses_table(rows, f"{store}: {len(rows)} analyses"))
+    for record in records:
+        if "slq/density" in record.arrays:
+            render.stdout.print(render.density_sketch(record))
+
+
+@app.command()
+@handles_errors
+def export(
+    store: Path = typer.Argument(..., help="The store to export."),
+    fmt: str = typer.Option("csv", "--format", help="csv or json."),
+    out: Path | None = typer.Option(None, "--out", help="csv: a directory for "
+                                    "analyses.csv, eigenvalues.csv and slq_nodes.csv "
+                                    "(default: analyses.csv on stdout); json: a file "
+                                    "(default: stdout)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Flat tables of everything in a store, for pandas and spreadsheets."""
+    from hessdiag.store import Store
+    from hessdiag.store.tables import flat_tables
+
+    if fmt not in ("csv", "json"):
+        raise UsageError(f"--format must be csv or json; got {fmt!r}")
+    if not store.exists():
+        raise UsageError(f"store {store} does not exist")
+    tables = flat_tables(Store(store))
+    if fmt == "json":
+        text = json.dumps(tables, default=render.json_default, indent=1) + "\n"
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.write_text(text)
+        return
+    if out is None:
+        render.write_csv(sys.stdout, tables["analyses"])
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in tables.items():
+        with open(out / f"{name}.csv", "w", newline="") as fh:
+            render.write_csv(fh, rows)
+    render.stderr.print(f"wrote {', '.join(f'{out / n}.csv' for n in tables)}")
+
+
+@app.command()
+@handles_errors
+def models(
+    as_json: bool = typer.Option(False, "--json", help="As JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """The model registry: names usable as --model (plus package.module:factory and
+    path/to/file.py:factory)."""
+    from dataclasses import asdict
+
+    from hessdiag.models import list_models
+
+    rows = [asdict(m) for m in list_models()]
+    if as_json:
+        render.emit_json(rows)
+        return
+    render.stdout.print(render.rows_table(rows, "models"))
+
+
+@app.command()
+@handles_errors
+def datasets(
+    as_json: bool = typer.Option(False, "--json", help="As JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """The data registry: names usable as --data (plus imagefolder:PATH and factory specs)."""
+    from dataclasses import asdict
+
+    from hessdiag.data import list_datasets
+
+    rows = [asdict(d) for d in list_datasets()]
+    if as_json:
+        render.emit_json(rows)
+        return
+    render.stdout.print(render.rows_table(rows, "data sets"))
 
 
 def main() -> None:

@@ -67,3 +67,79 @@ def spectrum_table(result, title: str) -> Table:
                      f"tol {top.tol:g} (relative residual)")
     table.caption_justify = "left"
     return table
+
+
+json_default = _default
+
+
+def write_csv(fh, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    if not rows:
+        return
+    writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def rows_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for key in rows[0] if rows else []:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*[str(v) for v in row.values()])
+    return table
+
+
+def analyses_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name, justify in [("analysis", "left"), ("checkpoint", "left"), ("step", "right"),
+                          ("data", "left"), ("λ_max", "right"), ("conv.", "center"),
+                          ("λ_min", "right"), ("trace ± s.e.", "right"), ("HVPs", "right"),
+                          ("s", "right")]:
+        table.add_column(name, justify=justify)
+    for r in rows:
+        trace = "-" if r["trace"] is None else f"{fmt(r['trace'])} ± {fmt(r['trace_stderr'], 2)}"
+        ckpt = (r["checkpoint_path"] or "").rsplit("/", 1)[-1]
+        table.add_row(r["analysis_id"], ckpt, "-" if r["step"] is None else str(r["step"]),
+                      f"{r['data']} ({r['samples']})", fmt(r["lambda_max"], 5),
+                      {True: "yes", False: "[red]no[/red]", None: "-"}[r["all_converged"]],
+                      fmt(r["lambda_min"], 4), trace, str(r["hvps"]),
+                      fmt(r["seconds"], 3))
+    return table
+
+
+def analysis_detail(row: dict[str, Any], eig: list[dict[str, Any]], record) -> Table:
+    table = Table(title=f"analysis {row['analysis_id']}", title_justify="left",
+                  show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in row.items():
+        if key != "analysis_id":
+            table.add_row(key, "-" if value is None else str(value))
+    for e in eig:
+        table.add_row(f"eigenvalue {e['index']}",
+                      f"{e['eigenvalue']:.6g}  (residual {e['residual']:.2g}, "
+                      f"{'converged' if e['converged'] else 'not converged'})")
+    return table
+
+
+BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def density_sketch(record, width: int = 64) -> str:
+    """A one-line-per-analysis terminal sketch of log10 density (SLQ), with its range."""
+    grid = np.asarray(record.arrays["slq/grid"], dtype=float)
+    dens = np.asarray(record.arrays["slq/density"], dtype=float)
+    edges = np.linspace(0, len(grid), width + 1).astype(int)
+    cols = np.array([dens[a:b].max() if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:],
+                                                                       strict=True)])
+    top = cols.max()
+    floor = top * 1e-6
+    levels = np.clip((np.log10(np.maximum(cols, floor)) - np.log10(floor))
+                     / (np.log10(top) - np.log10(floor)), 0, 1)
+    bars = "".join(BLOCKS[int(round(v * (len(BLOCKS) - 1)))] for v in levels)
+    sigma = float(np.asarray(record.arrays.get("slq/sigma", np.nan)))
+    return (f"{record.id} density (log scale, sigma {sigma:.2g}):\n"
+            f"  {bars}\n  {grid[0]:<.4g}{' ' * (width - 16)}{grid[-1]:>.4g}")

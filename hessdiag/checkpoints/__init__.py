@@ -1,0 +1,258 @@
+"""Checkpoints: hessdiag's own format, plain ``state_dict`` files, and (only when asked)
+pickled modules.
+
+hessdiag's format is a ``torch.save`` of plain data: the model spec and its keyword
+arguments, the ``state_dict``, optionally the optimizer state, step, epoch, run id, data
+spec and the hessdiag version. It loads with ``torch.load(weights_only=True)``, which
+refuses to run code, so a hostile file cannot execute anything. A plain ``state_dict``
+(also wrapped as ``{"state_dict": ...}``, ``{"model": ...}`` or
+``{"model_state_dict": ...}``, with DDP's ``module.`` prefixes) loads too when the
+architecture is named. Files holding pickled Python objects (a whole ``nn.Module``)
+load only with ``unsafe=True``: unpickling them runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hessdiag._version import __version__
+
+FORMAT = "hessdiag-checkpoint"
+FORMAT_VERSION = 1
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded: missing, corrupted, unsafe, or not matching the model."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint file says about itself."""
+
+    path: str
+    sha256: str
+    format: str  # "hessdiag", "state_dict" or "pickled-module"
+    model_spec: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None
+    step: int | None = None
+    epoch: int | None = None
+    run_id: str | None = None
+    hessdiag_version: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    model: nn.Module
+    info: CheckpointInfo
+    optimizer_state: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    model_spec: str,
+    model_kwargs: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    step: int | None = None,
+    epoch: int | None = None,
+    run_id: str | None = None,
+    data: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a checkpoint in hessdiag's format, atomically; returns its sha256."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hessdiag_version": __version__,
+        "model": {"spec": model_spec, "kwargs": dict(model_kwargs or {})},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer_state,
+        "step": step,
+        "epoch": epoch,
+        "run_id": run_id,
+        "data": data,
+        "extra": dict(extra or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return sha256_of(path)
+
+
+def read_checkpoint(path: str | os.PathLike, *, unsafe: bool = False) -> tuple[Any, str]:
+    """``(payload, sha256)`` of a checkpoint file, loaded with ``weights_only=True`` unless
+    ``unsafe``. Raises :class:`CheckpointError` with a clear message."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    sha = sha256_of(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights_only" in text or "Weights only load failed" in text:
+            raise CheckpointError(
+                f"checkpoint {path} contains pickled Python objects that safe loading "
+                "refuses (running them could execute code); if you trust the file, pass "
+                "--unsafe-load"
+            ) from exc
+        raise CheckpointError(f"checkpoint {path} is corrupted ({_first_line(exc)})") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            AttributeError, ImportError, IndexError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch file (truncated or corrupted?): "
+            f"{_first_line(exc)}"
+        ) from exc
+    except Exception as exc:  # unpickling arbitrary files can raise anything
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_first_line(exc)}") from exc
+    return payload, sha
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model_spec: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    unsafe: bool = False,
+) -> LoadedCheckpoint:
+    """Load a checkpoint and build its model (on the CPU, in float32 as saved).
+
+    ``model_spec`` (and ``model_kwargs``) name the architecture for plain ``state_dict``
+    files and override the one recorded in hessdiag checkpoints.
+    """
+    from hessdiag.models import build_model
+
+    payload, sha = read_checkpoint(path, unsafe=unsafe)
+    path_s = str(path)
+    if isinstance(payload, nn.Module):
+        if model_spec is not None:
+            raise CheckpointError(f"checkpoint {path} holds a whole pickled model; do not "
+                                  "pass --model with it")
+        info = CheckpointInfo(path=path_s, sha256=sha, format="pickled-module",
+                              model_spec=f"pickled:{type(payload).__name__}")
+        return LoadedCheckpoint(model=payload.float().cpu(), info=info)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, not a "
+                              "state_dict or a hessdiag checkpoint")
+
+    if payload.get("format") == FORMAT:
+        version = payload.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {path} has format version {version}, newer "
+                                  f"than this hessdiag reads ({FORMAT_VERSION}): upgrade")
+        recorded = payload.get("model") or {}
+        spec = model_spec or recorded.get("spec")
+        kwargs = dict(recorded.get("kwargs") or {}) if model_spec is None else {}
+        kwargs.update(model_kwargs or {})
+        state = payload.get("state_dict")
+        info = CheckpointInfo(
+            path=path_s, sha256=sha, format="hessdiag", model_spec=spec, model_kwargs=kwargs,
+            data=payload.get("data"), step=payload.get("step"), epoch=payload.get("epoch"),
+            run_id=payload.get("run_id"), hessdiag_version=payload.get("hessdiag_version"),
+        )
+        optimizer_state = payload.get("optimizer")
+        extra = dict(payload.get("extra") or {})
+    else:
+        state = _find_state_dict(payload)
+        if state is None:
+            raise CheckpointError(
+                f"checkpoint {path} is a dict without tensors or a state_dict entry "
+                f"(keys: {', '.join(map(str, list(payload)[:6]))})"
+            )
+        if model_spec is None:
+            raise CheckpointError(f"checkpoint {path} is a plain state_dict: name its "
+                                  "architecture with --model (see `hessdiag models`)")
+        info = CheckpointInfo(path=path_s, sha256=sha, format="state_dict",
+                              model_spec=model_spec, model_kwargs=dict(model_kwargs or {}))
+        optimizer_state, extra = None, {}
+
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path}: its state_dict is not a mapping of tensors")
+    if info.model_spec is None:
+        raise CheckpointError(f"checkpoint {path} does not record its model: pass --model")
+    model = build_model(info.model_spec, **info.model_kwargs)
+    _load_state(model, _strip_prefix(state), path, info.model_spec)
+    return LoadedCheckpoint(model=model, info=info, optimizer_state=optimizer_state,
+                            extra=extra)
+
+
+def _find_state_dict(payload: dict) -> dict | None:
+    if payload and all(isinstance(v, Tensor) for v in payload.values()):
+        return payload
+    for key in STATE_DICT_KEYS:
+        inner = payload.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, Tensor)
+                                                    for v in inner.values()):
+            return inner
+    return None
+
+
+def _strip_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], path, spec: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        raise CheckpointError(f"checkpoint {path} does not match model {spec}: "
+                              f"{'; '.join(parts)} (wrong --model or model options?)")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise CheckpointError(
+                f"checkpoint {path} does not match model {spec}: tensor {key} has shape "
+                f"{tuple(tensor.shape)} in the checkpoint but {tuple(own[key].shape)} in the "
+                "model (different number of classes or input channels?)"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    text = ", ".join(keys[:n])
+    return text + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -1,0 +1,269 @@
+"""The diagnostics store: one HDF5 file of runs and analyses (schema in docs/store.md).
+
+Writes are atomic by replacement. Each record is written into a copy of the store, the
+copy is flushed and fsynced, then renamed over the store (``os.replace``). A process
+killed at any moment therefore leaves either the old file or the new one: the store
+always opens and holds every earlier record, and a record is there whole or not at all.
+Readers need no lock: they open whatever complete file the path names. Writers take an
+exclusive ``fcntl`` lock on a sidecar ``<store>.lock`` so that concurrent writers (a
+training run and an analysis) wait for each other instead of losing records.
+
+The cost of a write grows with the store's size (a copy); records are small (no
+eigenvectors, no weights) and writers batch what they append, so stores stay in the
+megabytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT = "hessdiag-store"
+
+
+class StoreError(ValueError):
+    """The store cannot be read or written (not HDF5, corrupted, newer schema, read-only)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One analysis (or run) as read from the store: metadata and arrays."""
+
+    id: str
+    group: str
+    attrs: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def kind(self) -> str:
+        return str(self.attrs.get("kind", ""))
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_id(prefix: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{prefix}-{stamp}-{secrets.token_hex(3)}"
+
+
+def _to_attr(value: Any) -> Any:
+    """Attributes: strings and numbers as they are; everything else as JSON text."""
+    if value is None:
+        return "null"
+    if isinstance(value, str | int | float | bool | np.integer | np.floating | np.bool_):
+        return value
+    return json.dumps(value, default=str)
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str) and (value == "null" or value[:1] in "[{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+class Store:
+    """A hessdiag store at ``path`` (created on the first write)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise :class:`StoreError` unless the file is absent or a readable store of a
+        schema this version understands."""
+        if not self.path.exists():
+            return
+        if self.path.is_dir():
+            raise StoreError(f"store {self.path} is a directory; give a file path such as "
+                             f"{self.path / 'hessdiag.h5'}")
+        if not h5py.is_hdf5(self.path):
+            raise StoreError(f"store {self.path} is not an HDF5 file: give another --store "
+                             "path (hessdiag never overwrites a file it did not write)")
+        try:
+            with h5py.File(self.path, "r") as f:
+                fmt = _from_attr(f.attrs.get("format", ""))
+                version = _from_attr(f.attrs.get("schema_version", -1))
+        except OSError as exc:
+            raise StoreError(f"store {self.path} is corrupted or truncated ({_short(exc)}); "
+                             "move it aside and use a new --store path") from exc
+        if fmt != FORMAT:
+            raise StoreError(f"{self.path} is an HDF5 file but not a hessdiag store: give "
+                             "another --store path")
+        if int(version) > SCHEMA_VERSION:
+            raise StoreError(f"store {self.path} has schema version {version}, newer than "
+                             f"this hessdiag reads ({SCHEMA_VERSION}): upgrade hessdiag")
+
+    def check_writable(self) -> None:
+        """Validate, and make sure a record could be written (the directory accepts files)."""
+        self.validate()
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        if not directory.is_dir():
+            raise StoreError(f"cannot write store {self.path}: directory {directory} does "
+                             "not exist")
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".hessdiag-probe-"):
+                pass
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: directory {directory} is not "
+                             f"writable ({_short(exc)}); give a --store path in a writable "
+                             "directory") from exc
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[h5py.File]:
+        """An open copy of the store to add to; it replaces the store when the block ends
+        without an exception, and is discarded otherwise."""
+        self.check_writable()
+        with self._locked():
+            self.validate()  # another writer may have replaced it meanwhile
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent or Path("."),
+                                       prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmp_path = Path(tmp)
+            try:
+                if self.path.exists():
+                    shutil.copyfile(self.path, tmp_path)
+                    mode = "r+"
+                else:
+                    mode = "w"
+                with h5py.File(tmp_path, mode) as f:
+                    if mode == "w":
+                        f.attrs["format"] = FORMAT
+                        f.attrs["schema_version"] = SCHEMA_VERSION
+                        f.attrs["created"] = now()
+                        f.create_group("runs")
+                        f.create_group("analyses")
+                    yield f
+                    f.flush()
+                with open(tmp_path, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp_path, self.path)
+                _fsync_dir(self.path.parent)
+            finally:
+                if tmp_path.exists():
+                    tmp_path.unlink()
+
+    def write_analysis(self, kind: str, attrs: Mapping[str, Any],
+                       arrays: Mapping[str, Any], analysis_id: str | None = None) -> str:
+        """Write one analysis whole; returns its id.
+
+        ``arrays`` maps dataset paths (``"eigenvalues"``, ``"slq/nodes"``) to arrays or
+        scalars; ``attrs`` become the group's attributes (non-scalars as JSON text).
+        """
+        analysis_id = analysis_id or new_id(kind)
+        with self.transaction() as f:
+            group = f["analyses"].create_group(analysis_id)
+            group.attrs["kind"] = kind
+            group.attrs["created"] = now()
+            for key, value in attrs.items():
+                group.attrs[key] = _to_attr(value)
+            for key, value in arrays.items():
+                if value is None:
+                    continue
+                group.create_dataset(key, data=np.asarray(value))
+        return analysis_id
+
+    # ------------------------------------------------------------------ reading
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[h5py.File | None]:
+        self.validate()
+        if not self.path.exists():
+            yield None
+            return
+        with h5py.File(self.path, "r") as f:
+            yield f
+
+    def analysis_ids(self) -> list[str]:
+        with self._reader() as f:
+            return [] if f is None else sorted(f["analyses"].keys(),
+                                               key=lambda k: f["analyses"][k].attrs["created"])
+
+    def analyses(self) -> list[Record]:
+        with self._reader() as f:
+            if f is None:
+                return []
+            groups = sorted(f["analyses"].values(), key=lambda g: str(g.attrs["created"]))
+            return [_record(g, "analyses") for g in groups]
+
+    def analysis(self, analysis_id: str) -> Record:
+        with self._reader() as f:
+            if f is None or analysis_id not in f["analyses"]:
+                known = [] if f is None else list(f["analyses"].keys())
+                hint = f"; known: {', '.join(known[:5])}" if known else " (the store is empty)"
+                raise StoreError(f"no analysis {analysis_id!r} in store {self.path}{hint}")
+            return _record(f["analyses"][analysis_id], "analyses")
+
+    def runs(self) -> list[Record]:
+        with self._reader() as f:
+            if f is None:
+                return []
+            return [_record(g, "runs") for g in f["runs"].values()]
+
+    def info(self) -> dict[str, Any]:
+        with self._reader() as f:
+            if f is None:
+                return {"path": str(self.path), "exists": False}
+            return {"path": str(self.path), "exists": True,
+                    "schema_version": _from_attr(f.attrs["schema_version"]),
+                    "created": _from_attr(f.attrs.get("created", "")),
+                    "runs": len(f["runs"]), "analyses": len(f["analyses"])}
+
+
+def _record(group: h5py.Group, kind: str) -> Record:
+    arrays: dict[str, np.ndarray] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            arrays[name] = obj[()]
+
+    group.visititems(visit)
+    attrs = {k: _from_attr(v) for k, v in group.attrs.items()}
+    return Record(id=group.name.rsplit("/", 1)[-1], group=kind, attrs=attrs, arrays=arrays)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
