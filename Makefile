@@ -18,7 +18,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/hessdiag demo --out-dir demo-output
+	mkdir -p demo-output
+	$(BIN)/hessdiag spectrum checkpoints/digits-mlp.pt --lambda-min --trace --density \
+		--store demo-output/hessdiag.h5 --plot demo-output/density.png
+	$(BIN)/hessdiag show demo-output/hessdiag.h5
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

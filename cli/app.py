@@ -83,49 +83,6 @@ def with_progress(enabled: bool, label: str, job: Callable[[Any], Any]) -> Any:
 
 @app.command()
 @handles_errors
-def demo(
-    out_dir: Path = typer.Option(Path("demo-output"), "--out-dir",
-                                 help="Where to write spectrum.json and density.png."),
-    epochs: int = typer.Option(30, min=1, help="Training epochs on the digits train split."),
-    seed: int = typer.Option(0, help="Seed for training and every stochastic estimator."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON only."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
-) -> None:
-    """Fit a small network to the bundled digits data and report its Hessian spectrum.
-
-    Trains a 64-32-10 tanh MLP (2,410 parameters) on the 1,437 training digits, then
-    computes, over all of them, the top-5 eigenvalues (Lanczos, with residuals), the most
-    negative eigenvalue, the trace (Hutch++, with its standard error) and the spectral
-    density (SLQ); writes OUT_DIR/spectrum.json and OUT_DIR/density.png.
-    """
-    from hessdiag.demo import run_demo
-    from hessdiag.plot import plot_density
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = with_progress(not quiet and not as_json, "Hessian spectrum",
-                           lambda progress: run_demo(epochs=epochs, seed=seed,
-                                                     progress=progress))
-    spectrum = result.spectrum
-    payload = {"train_accuracy": result.train_accuracy, "test_accuracy": result.test_accuracy,
-               "epochs": result.epochs, "parameters": result.parameters,
-               **spectrum.to_dict()}
-    (out_dir / "spectrum.json").write_text(json.dumps(payload, indent=2) + "\n")
-    figure = plot_density(spectrum.density, out_dir / "density.png",
-                          eigenvalues=spectrum.top.eigenvalues)
-    if as_json:
-        render.emit_json(payload)
-        return
-    render.stdout.print(
-        f"digits MLP: {result.parameters} parameters, {result.epochs} epochs, "
-        f"train accuracy {result.train_accuracy:.3f}, test accuracy {result.test_accuracy:.3f}"
-    )
-    render.stdout.print(render.spectrum_table(spectrum, "Hessian of the training loss"))
-    render.stdout.print(f"wrote {out_dir / 'spectrum.json'} and {figure}")
-
-
-@app.command()
-@handles_errors
 def spectrum(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files (several: a run's "
                                              "series, analysed in the order given)."),

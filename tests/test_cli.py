@@ -1,8 +1,9 @@
-"""The command line: version, help, the demo end to end, errors as one line with exit 2."""
+"""The command line: version, help, python -m, and the shipped demo checkpoint."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from hessdiag.cli.app import app
 from typer.testing import CliRunner
@@ -10,13 +11,16 @@ from typer.testing import CliRunner
 from hessdiag import __version__
 
 runner = CliRunner()
+DEMO = Path(__file__).parent.parent / "checkpoints" / "digits-mlp.pt"
 
 
 def test_version_and_help():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"hessdiag {__version__}"
     result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0 and "demo" in result.stdout
+    assert result.exit_code == 0
+    for command in ("spectrum", "show", "export", "models", "datasets"):
+        assert command in result.stdout
 
 
 def test_python_dash_m_runs_the_cli():
@@ -25,25 +29,20 @@ def test_python_dash_m_runs_the_cli():
     assert out.stdout.strip() == f"hessdiag {__version__}"
 
 
-def test_demo_json_is_consistent_and_writes_its_files(tmp_path):
-    result = runner.invoke(app, ["demo", "--epochs", "3", "--out-dir", str(tmp_path), "--json"])
+def test_shipped_demo_checkpoint_analyses_with_no_other_arguments(tmp_path):
+    result = runner.invoke(app, ["spectrum", str(DEMO), "--samples", "300", "--top-k", "2",
+                                 "--trace", "--json", "--store", str(tmp_path / "s.h5")])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1  # --json: one JSON object, nothing else on stdout
     data = json.loads(lines[0])
-    eig = data["eigenvalues"]
-    assert len(eig) == 5 and eig == sorted(eig, reverse=True)
-    assert all(data["converged"]) and data["dim"] == 2410 and data["samples"] == 1437
-    assert data["lambda_min"] <= eig[-1]
-    # two independent trace estimates (Hutch++ and SLQ) agree within their errors
-    a, sa = data["trace"], data["trace_stderr"]
-    b, sb = data["density"]["trace"], data["density"]["trace_stderr"]
-    assert abs(a - b) <= 4 * (sa**2 + sb**2) ** 0.5
-    saved = json.loads((tmp_path / "spectrum.json").read_text())
-    assert saved["eigenvalues"] == eig
-    assert (tmp_path / "density.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["dim"] == 3466 and data["samples"] == 300 and all(data["converged"])
+    assert data["eigenvalues"][0] > data["eigenvalues"][1] > 0
+    assert data["trace"] > data["eigenvalues"][0]  # PSD-dominated: the top is part of the trace
 
 
-def test_bad_option_value_exits_2_with_one_line(tmp_path):
-    result = runner.invoke(app, ["demo", "--epochs", "0", "--out-dir", str(tmp_path)])
+def test_usage_errors_exit_2():
+    result = runner.invoke(app, ["spectrum", str(DEMO), "--top-k", "0"])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["frobnicate"])
     assert result.exit_code == 2
