@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +119,28 @@ def zoo_case(request):
     make_model, make_x = ZOO[request.param]
     model = make_model()
     return request.param, model, nn.CrossEntropyLoss(), _batches(make_x)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection or fetch weights fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def read_only_path(tmp_path: Path, name: str) -> Path:
+    """A file path in a directory nobody can create files in (root writes through
+    permission bits, so for root: sysfs, which refuses everyone)."""
+    if os.geteuid() == 0:
+        return Path("/sys") / f"hessdiag-test-{name}"
+    ro = tmp_path / "read-only"
+    ro.mkdir(exist_ok=True)
+    ro.chmod(0o555)
+    return ro / name

@@ -4,13 +4,12 @@ kind of bad input: exit code 2, one line on stderr, the store unchanged."""
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import dense_hessian
+from conftest import dense_hessian, read_only_path
 from hessdiag.cli.app import app
 from torch import nn
 from typer.testing import CliRunner
@@ -174,13 +173,7 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
 
 def test_store_in_read_only_place_is_refused_before_computing(small_checkpoint, tmp_path):
     path, _ = small_checkpoint
-    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses everyone
-        store = Path("/sys/hessdiag-test.h5")
-    else:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o555)
-        store = ro / "s.h5"
+    store = read_only_path(tmp_path, "s.h5")
     code, out, err = run(["spectrum", path, "--store", store])
     assert code == 2 and "not writable" in err and not store.exists()
 

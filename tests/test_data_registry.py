@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import socket
 import struct
 import sys
 import textwrap
@@ -34,18 +33,6 @@ RNG = np.random.default_rng(7)
 
 def md5(path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 def normalised(pixels_chw: np.ndarray, mean, std, scale: float = 255.0) -> torch.Tensor:

@@ -3,7 +3,6 @@ and the errors for what cannot be built."""
 
 from __future__ import annotations
 
-import socket
 import sys
 import textwrap
 
@@ -16,20 +15,6 @@ from hessdiag.models import ModelInfo, build_model, list_models
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection or fetch weights fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
 def logits(model: nn.Module, in_shape, batch: int = 2) -> torch.Tensor:

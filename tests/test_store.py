@@ -1,7 +1,6 @@
 """The HDF5 store: round trip, bad files, read-only places, SIGKILL at random moments,
 concurrent writers and a reader running beside a writer."""
 
-import os
 import random
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import read_only_path
 
 from hessdiag.store import SCHEMA_VERSION, Store, StoreError
 
@@ -92,13 +92,7 @@ def test_bad_files_are_refused_and_left_unchanged(tmp_path):
 
 
 def test_read_only_directory_is_refused_before_anything_is_written(tmp_path):
-    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses everyone
-        target = Path("/sys/hessdiag-test-store.h5")
-    else:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o555)
-        target = ro / "s.h5"
+    target = read_only_path(tmp_path, "s.h5")
     with pytest.raises(StoreError, match="not writable"):
         Store(target).check_writable()
     with pytest.raises(StoreError, match="not writable"):

@@ -31,6 +31,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hessdiag._files import replacing
+
 SCHEMA_VERSION = 1
 FORMAT = "hessdiag-store"
 
@@ -149,11 +151,7 @@ class Store:
         self.check_writable()
         with self._locked():
             self.validate()  # another writer may have replaced it meanwhile
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent or Path("."),
-                                       prefix=f".{self.path.name}.", suffix=".tmp")
-            os.close(fd)
-            tmp_path = Path(tmp)
-            try:
+            with replacing(self.path) as tmp_path:
                 if self.path.exists():
                     shutil.copyfile(self.path, tmp_path)
                     mode = "r+"
@@ -168,13 +166,6 @@ class Store:
                         f.create_group("analyses")
                     yield f
                     f.flush()
-                with open(tmp_path, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp_path, self.path)
-                _fsync_dir(self.path.parent)
-            finally:
-                if tmp_path.exists():
-                    tmp_path.unlink()
 
     def write_analysis(self, kind: str, attrs: Mapping[str, Any],
                        arrays: Mapping[str, Any], analysis_id: str | None = None) -> str:
@@ -252,17 +243,6 @@ def _record(group: h5py.Group, kind: str) -> Record:
     group.visititems(visit)
     attrs = {k: _from_attr(v) for k, v in group.attrs.items()}
     return Record(id=group.name.rsplit("/", 1)[-1], group=kind, attrs=attrs, arrays=arrays)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _short(exc: BaseException) -> str:
