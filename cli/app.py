@@ -201,6 +201,117 @@ def spectrum(
 
 @app.command()
 @handles_errors
+def train(
+    model: str | None = typer.Option(None, "--model", help="Architecture: a name from "
+                                     "`hessdiag models` or a factory spec."),
+    data: str | None = typer.Option(None, "--data", help="Data set: a name from "
+                                    "`hessdiag datasets` or a factory spec."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding the "
+                                          "data set's files."),
+    download: bool = typer.Option(False, "--download", help="Download the data if missing."),
+    samples: int | None = typer.Option(None, "--samples", help="Train on the first N "
+                                       "samples only."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, sam or eigensam."),
+    base: str = typer.Option("sgd", "--base", help="Base optimizer: sgd, adam or adamw."),
+    lr: float = typer.Option(0.1, "--lr", help="Peak learning rate."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay", help="Weight decay."),
+    nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (SGD)."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Minibatch size."),
+    rho: float = typer.Option(0.05, "--rho", help="SAM / Eigen-SAM perturbation radius."),
+    alpha: float = typer.Option(0.2, "--alpha", help="Eigen-SAM: weight of the top "
+                                "eigenvector in the perturbation."),
+    eig_every: int = typer.Option(100, "--eig-every", help="Eigen-SAM: steps between "
+                                  "eigenvector updates (p)."),
+    eig_iters: int = typer.Option(5, "--eig-iters", help="Eigen-SAM: power iterations per "
+                                  "update (k)."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="Adaptive SAM (ASAM)."),
+    renormalize: bool = typer.Option(False, "--renormalize", help="Eigen-SAM: rescale the "
+                                     "perturbation to length rho."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step or constant."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Label smoothing."),
+    augment: bool = typer.Option(False, "--augment", help="Random crops (and flips for "
+                                 "CIFAR)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order, "
+                             "augmentation and estimators."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Write a "
+                                                "checkpoint every N steps (and at the end)."),
+    sharpness_every: int | None = typer.Option(None, "--sharpness-every", help="Log "
+                                               "lambda_max and alignment every N steps."),
+    sharpness_samples: int = typer.Option(512, "--sharpness-samples", help="Training "
+                                          "samples in the fixed measurement set."),
+    run_name: str | None = typer.Option(None, "--run-name", help="Run id (default: "
+                                        "generated)."),
+    checkpoint_dir: Path = typer.Option(Path("checkpoints"), "--checkpoint-dir",
+                                        help="Checkpoints go to DIR/<run>/."),
+    init_from: Path | None = typer.Option(None, "--from", help="Fine-tune from this "
+                                          "checkpoint."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue this run from its "
+                                      "last checkpoint."),
+    store: Path = typer.Option(Path("hessdiag.h5"), "--store", help="HDF5 store."),
+    as_json: bool = typer.Option(False, "--json", help="A JSON summary on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Train or fine-tune with SGD, SAM or Eigen-SAM; metrics, sharpness and checkpoints
+    go to the store."""
+    from hessdiag.store import Store
+    from hessdiag.train import TrainConfig
+    from hessdiag.train import train as run_training
+
+    target = Store(store)
+    target.check_writable()
+    if resume is None:
+        if model is None or data is None:
+            raise UsageError("train needs --model and --data (or --resume RUN)")
+        cfg = TrainConfig(
+            model=model, data=data, data_root=None if data_root is None else str(data_root),
+            download=download, samples=samples, optimizer=optimizer, base=base, lr=lr,
+            momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, epochs=epochs,
+            batch_size=batch_size, rho=rho, alpha=alpha, eig_every=eig_every,
+            eig_iters=eig_iters, adaptive=adaptive, renormalize=renormalize,
+            schedule=schedule, label_smoothing=label_smoothing, augment=augment, seed=seed,
+            device=device, checkpoint_every=checkpoint_every, sharpness_every=sharpness_every,
+            sharpness_samples=sharpness_samples, run_name=run_name,
+            checkpoint_dir=str(checkpoint_dir),
+            init_from=None if init_from is None else str(init_from))
+        cfg.validate()
+    else:
+        cfg = None
+    show_bar = not quiet and not as_json and render.stderr.is_terminal
+    if show_bar:
+        bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                       TextColumn("step {task.completed}/{task.total}"),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                       console=render.stderr, transient=True)
+        with bar:
+            task = bar.add_task("train", total=None, info="")
+
+            def report(event: dict) -> None:
+                lam = event.get("lambda_max")
+                info = (f"epoch {event['epoch']} loss {event['loss']:.4f} "
+                        f"acc {event['acc']:.3f}" + ("" if lam is None
+                                                     else f" λ_max {lam:.4g}"))
+                bar.update(task, completed=event["step"], total=event["total"], info=info)
+
+            result = run_training(cfg, store=target, resume=resume, progress=report)
+    else:
+        result = run_training(cfg, store=target, resume=resume)
+    from dataclasses import asdict
+
+    if as_json:
+        render.emit_json(asdict(result))
+    else:
+        render.stdout.print(render.train_summary(result, store))
+    if result.status != "finished":
+        render.stderr.print(f"[bold red]error:[/bold red] {result.message}")
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+@handles_errors
 def show(
     store: Path = typer.Argument(Path("hessdiag.h5"), help="The store to read."),
     analysis_id: str | None = typer.Argument(None, help="Show one analysis in full."),
@@ -209,7 +320,7 @@ def show(
 ) -> None:
     """The runs and analyses in a store, or one analysis in full."""
     from hessdiag.store import Store
-    from hessdiag.store.tables import analysis_row, eigenvalue_rows
+    from hessdiag.store.tables import analysis_row, eigenvalue_rows, run_row
 
     source = Store(store)
     if not store.exists():
@@ -225,9 +336,13 @@ def show(
         return
     records = source.analyses()
     rows = [analysis_row(r) for r in records]
+    runs = [run_row(r) for r in source.runs()]
     if as_json:
-        render.emit_json({"store": str(store), **source.info(), "analyses": rows})
+        render.emit_json({"store": str(store), **source.info(), "runs": runs,
+                          "analyses": rows})
         return
+    if runs:
+        render.stdout.print(render.runs_table(runs, f"{store}: {len(runs)} runs"))
     render.stdout.print(render.analyses_table(rows, f"{store}: {len(rows)} analyses"))
     for record in records:
         if "slq/density" in record.arrays:

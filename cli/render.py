@@ -11,8 +11,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-stdout = Console(highlight=False)
-stderr = Console(stderr=True, highlight=False)
+
+def _console(**kwargs: Any) -> Console:
+    # off a terminal (pipes, CI logs) rich would squeeze tables into 80 columns
+    console = Console(highlight=False, **kwargs)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=160, **kwargs)
+    return console
+
+
+stdout = _console()
+stderr = _console(stderr=True)
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -143,3 +152,37 @@ def density_sketch(record, width: int = 64) -> str:
     sigma = float(np.asarray(record.arrays.get("slq/sigma", np.nan)))
     return (f"{record.id} density (log scale, sigma {sigma:.2g}):\n"
             f"  {bars}\n  {grid[0]:<.4g}{' ' * (width - 16)}{grid[-1]:>.4g}")
+
+
+def train_summary(result, store) -> Table:
+    table = Table(title=f"run {result.run_id}: {result.status}", title_justify="left",
+                  show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    rows = [("steps", str(result.steps)), ("epochs", str(result.epochs)),
+            ("train loss (last batch)", fmt(result.train_loss)),
+            ("train accuracy (last batch)", fmt(result.train_accuracy)),
+            ("test loss", fmt(result.test_loss)), ("test accuracy", fmt(result.test_accuracy)),
+            ("lambda_max (last measured)", fmt(result.lambda_max)),
+            ("alignment |cos(e, v)| (last)", fmt(result.alignment)),
+            ("final checkpoint", result.final_checkpoint or "-"),
+            ("store", str(store)), ("seconds", f"{result.seconds:.1f}")]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def runs_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name, justify in [("run", "left"), ("status", "left"), ("model/data", "left"),
+                          ("optimizer", "left"), ("steps", "right"), ("loss", "right"),
+                          ("test acc", "right"), ("λ_max", "right"), ("alignment", "right")]:
+        table.add_column(name, justify=justify)
+    for r in rows:
+        opt = r["optimizer"] or "-"
+        if opt in ("sam", "eigensam"):
+            opt += f" ρ={r['rho']}" + (f" α={r['alpha']}" if opt == "eigensam" else "")
+        table.add_row(r["run_id"], str(r["status"]), f"{r['model']}/{r['data']}", opt,
+                      f"{r['steps']}/{r['total_steps']}", fmt(r["loss"]), fmt(r["test_acc"]),
+                      fmt(r["lambda_max"]), fmt(r["alignment"], 3))
+    return table

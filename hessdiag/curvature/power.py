@@ -108,8 +108,8 @@ def power_iteration(
             # the dominant eigenvalue of H - sigma I is at the bottom of the spectrum:
             # shift there, so that the top of H dominates, and seek this pair again
             sigma = theta
-            u, hu, theta, its = _one_pair(
-                counter, info, vecs, values, deflation, sigma, None, gen, tol, max_iter
+            u, hu, theta, its = _one_pair(  # from the warm start again, if there is one
+                counter, info, vecs, values, deflation, sigma, start, gen, tol, max_iter
             )
             iterations += its
         vecs.append(u)

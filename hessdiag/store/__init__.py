@@ -187,6 +187,57 @@ class Store:
                 group.create_dataset(key, data=np.asarray(value))
         return analysis_id
 
+    def create_run(self, run_id: str, attrs: Mapping[str, Any]) -> None:
+        """Start a run's group (its config and provenance as attributes)."""
+        with self.transaction() as f:
+            if run_id in f["runs"]:
+                raise StoreError(f"store {self.path} already has a run {run_id!r}: choose "
+                                 "another --run-name, or --resume it")
+            group = f["runs"].create_group(run_id)
+            group.attrs["created"] = now()
+            for key, value in attrs.items():
+                group.attrs[key] = _to_attr(value)
+
+    def append_run(self, run_id: str, tables: Mapping[str, Mapping[str, Any]],
+                   attrs: Mapping[str, Any] | None = None) -> None:
+        """Append rows to a run's tables in one record, e.g.
+        ``{"metrics": {"step": [...], "loss": [...]}}``; columns are extendable 1-D
+        datasets (created on first use; every column of a table gets the same number of
+        rows). ``attrs`` update the run's attributes in the same record."""
+        with self.transaction() as f:
+            if run_id not in f["runs"]:
+                raise StoreError(f"store {self.path} has no run {run_id!r}")
+            group = f["runs"][run_id]
+            for table, columns in tables.items():
+                lengths = {len(np.atleast_1d(v)) for v in columns.values()}
+                if len(lengths) != 1:
+                    raise ValueError(f"columns of {table!r} have different lengths {lengths}")
+                sub = group.require_group(table)
+                for name, values in columns.items():
+                    values = np.atleast_1d(np.asarray(values))
+                    if values.dtype.kind == "U":
+                        values = values.astype(h5py.string_dtype())
+                    if name not in sub:
+                        sub.create_dataset(name, data=values, maxshape=(None,),
+                                           chunks=True)
+                        continue
+                    column = sub[name]
+                    start = column.shape[0]
+                    column.resize((start + len(values),))
+                    column[start:] = values
+            for key, value in (attrs or {}).items():
+                group.attrs[key] = _to_attr(value)
+
+    def truncate_run(self, run_id: str, table: str, keep: int) -> None:
+        """Keep the first ``keep`` rows of a run's table (a resumed run drops the rows
+        logged after the checkpoint it resumes from)."""
+        with self.transaction() as f:
+            if run_id not in f["runs"] or table not in f["runs"][run_id]:
+                return
+            for column in f["runs"][run_id][table].values():
+                if column.shape[0] > keep:
+                    column.resize((keep,))
+
     # ------------------------------------------------------------------ reading
     @contextlib.contextmanager
     def _reader(self) -> Iterator[h5py.File | None]:
@@ -216,6 +267,14 @@ class Store:
                 hint = f"; known: {', '.join(known[:5])}" if known else " (the store is empty)"
                 raise StoreError(f"no analysis {analysis_id!r} in store {self.path}{hint}")
             return _record(f["analyses"][analysis_id], "analyses")
+
+    def run(self, run_id: str) -> Record:
+        with self._reader() as f:
+            if f is None or run_id not in f["runs"]:
+                known = [] if f is None else list(f["runs"].keys())
+                hint = f"; known: {', '.join(known[:5])}" if known else " (no runs)"
+                raise StoreError(f"no run {run_id!r} in store {self.path}{hint}")
+            return _record(f["runs"][run_id], "runs")
 
     def runs(self) -> list[Record]:
         with self._reader() as f:

@@ -81,11 +81,72 @@ def slq_rows(record: Record) -> list[dict[str, Any]]:
             if np.isfinite(nodes[p, j])]
 
 
+def _last(arrays: dict[str, np.ndarray], key: str) -> Any:
+    values = arrays.get(key)
+    if values is None or len(values) == 0:
+        return None
+    finite = [v for v in np.asarray(values, dtype=float) if math.isfinite(v)]
+    return float(finite[-1]) if finite else None
+
+
+def run_row(record: Record) -> dict[str, Any]:
+    """One line per training run: its settings and where it ended."""
+    a, x = record.attrs, record.arrays
+    cfg = a.get("config") or {}
+    steps = x.get("metrics/step")
+    return {
+        "run_id": record.id,
+        "status": a.get("status"),
+        "model": cfg.get("model"),
+        "data": cfg.get("data"),
+        "optimizer": cfg.get("optimizer"),
+        "base": cfg.get("base"),
+        "lr": cfg.get("lr"),
+        "rho": cfg.get("rho"),
+        "alpha": cfg.get("alpha"),
+        "epochs": cfg.get("epochs"),
+        "seed": cfg.get("seed"),
+        "steps": int(steps[-1]) if steps is not None and len(steps) else 0,
+        "total_steps": a.get("total_steps"),
+        "loss": _last(x, "metrics/loss"),
+        "test_loss": _last(x, "metrics/test_loss"),
+        "test_acc": _last(x, "metrics/test_acc"),
+        "lambda_max": _last(x, "sharpness/lambda_max"),
+        "alignment": _last(x, "sharpness/alignment"),
+        "final_checkpoint": a.get("final_checkpoint"),
+        "started": a.get("started"),
+    }
+
+
+def run_table_rows(record: Record, table: str) -> list[dict[str, Any]]:
+    """The rows of one of a run's tables (``metrics``, ``sharpness``, ``checkpoints``)."""
+    prefix = f"{table}/"
+    columns = {k[len(prefix):]: v for k, v in record.arrays.items() if k.startswith(prefix)}
+    if not columns:
+        return []
+    n = min(len(v) for v in columns.values())
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {"run_id": record.id}
+        for name, values in columns.items():
+            value = values[i]
+            value = value.decode() if isinstance(value, bytes) else value
+            row[name] = value.item() if isinstance(value, np.generic) else value
+        rows.append(row)
+    return rows
+
+
 def flat_tables(store: Store) -> dict[str, list[dict[str, Any]]]:
-    """``analyses``, ``eigenvalues`` and ``slq_nodes`` tables (lists of flat rows)."""
+    """``analyses``, ``eigenvalues``, ``slq_nodes``, ``runs``, ``run_metrics``,
+    ``run_sharpness`` and ``run_checkpoints`` tables (lists of flat rows)."""
     records = store.analyses()
+    runs = store.runs()
     return {
         "analyses": [analysis_row(r) for r in records],
         "eigenvalues": [row for r in records for row in eigenvalue_rows(r)],
         "slq_nodes": [row for r in records for row in slq_rows(r)],
+        "runs": [run_row(r) for r in runs],
+        "run_metrics": [row for r in runs for row in run_table_rows(r, "metrics")],
+        "run_sharpness": [row for r in runs for row in run_table_rows(r, "sharpness")],
+        "run_checkpoints": [row for r in runs for row in run_table_rows(r, "checkpoints")],
     }

@@ -1,0 +1,384 @@
+"""Eigen-SAM: SAM with the top Hessian eigenvector added to the perturbation.
+
+Luo et al., NeurIPS 2024, "Explicit Eigenvalue Regularization Improves Sharpness-Aware
+Minimization". SAM regularises the top Hessian eigenvalue only insofar as its
+perturbation ``e ∝ g`` is aligned with the top eigenvector ``v``, and in practice the
+alignment ``|<e, v>| / ||e||`` is poor. Eigen-SAM adds the part of ``v`` orthogonal to
+the gradient:
+
+    s      = sign(<g, v>)
+    g_hat  = g / (||g|| + 1e-12)
+    v_perp = v - <g_hat, v> g_hat
+    d      = g_hat + alpha * s * v_perp
+    e      = rho * d          (renormalize=True: e = rho * d / ||d||)
+
+then proceeds as SAM: gradient at ``w + e``, back to ``w``, base-optimizer step. The
+official code does not renormalise ``d``, so ``||e|| = rho sqrt(1 + alpha^2 ||v_perp||^2)``
+is slightly above ``rho``; ``renormalize`` is offered, off by default so that results
+compare with the paper.
+
+Every ``eig_every`` optimizer steps (a global count, not reset per epoch, starting with
+step 0), ``v`` is refreshed by ``eig_iters`` steps of power iteration on the Hessian of
+the current minibatch loss, model in eval mode, warm-started from the previous ``v``
+(from a seeded random vector the first time). Before the first estimate the perturbation
+is SAM's ``rho g / ||g||`` (the official code uses the unnormalised ``rho g`` there, a
+bug this implementation does not reproduce).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hessdiag.curvature.linear import generator
+from hessdiag.curvature.operator import MODES, HessianOperator
+from hessdiag.curvature.power import power_iteration
+from hessdiag.optim.sam import SAM, _check_nonnegative
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return int(value)
+
+
+class EigenSAM(SAM):
+    """Eigen-SAM (Luo et al., NeurIPS 2024) around a base optimizer.
+
+    Parameters
+    ----------
+    params, base_optimizer, rho, **base_kwargs:
+        As for :class:`SAM`.
+    alpha:
+        Weight of the eigenvector's gradient-orthogonal part (``>= 0``; the paper tunes
+        it over {0.05, 0.1, 0.2}). ``alpha = 0`` is SAM.
+    eig_every:
+        Refresh the eigenvector every this many optimizer steps (the paper's ``p``, 100).
+    eig_iters:
+        Power-iteration steps (Hessian-vector products) per refresh (the paper's ``k``, 5).
+        They are always all spent: the estimate is warm-started and not expected to
+        converge within one refresh.
+    renormalize:
+        Scale ``e`` to length ``rho`` exactly (off by default, as in the paper).
+    adaptive:
+        Must be ``False``: the method is defined for the Euclidean neighbourhood only
+        (an ASAM version would need the eigenvector of ``T H T``, ``T = |w|``).
+    eig_seed:
+        Seed of the random starting vector of the first estimate (and of any restart
+        inside the power iteration).
+    eig_shift:
+        ``"auto"`` (default): the algebraically largest eigenvalue ("top" in this
+        project). :func:`hessdiag.curvature.power_iteration` iterates on ``H`` and, when
+        it lands on a dominant negative eigenvalue, shifts to ``H - sigma I`` (``sigma``
+        that eigenvalue estimate) and restarts from a random vector. Such a restart at
+        every refresh discards the warm start, so the shift is kept for later refreshes
+        (and lowered whenever an estimate falls below it); it is saved in the state
+        dict. A number: iterate on ``H - eig_shift I`` throughout; ``0.0`` is the
+        official code's plain power iteration (the eigenvalue of largest magnitude,
+        which may be negative).
+    hvp_mode:
+        Hessian-vector product mode for :class:`hessdiag.curvature.HessianOperator`.
+        ``"auto"`` times the candidates at the first refresh only (a few extra products)
+        and keeps the winner for the rest of training; it is saved in the state dict, so
+        a resumed run uses the same mode.
+
+    Training loop, each step::
+
+        opt.maybe_update_eigenvector(model, loss_fn, x, y)   # before first_step
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        ...                                                  # as SAM
+
+    Diagnostics: :attr:`eigenvector` (flat, the optimizer's parameter order),
+    :attr:`eigenvalue` (Rayleigh quotient) and :attr:`eigen_residual`
+    (``||H v - theta v||``), :attr:`last_alignment` ``|<e, v>| / ||e||`` and
+    :attr:`last_signed_alignment` of the last perturbation, :attr:`eig_updates`,
+    :attr:`eig_hvps` (Hessian-vector products spent, mode timing included) and
+    :attr:`global_step`. All of them are saved by :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer] | str,
+        rho: float = 0.05,
+        alpha: float = 0.2,
+        eig_every: int = 100,
+        eig_iters: int = 5,
+        renormalize: bool = False,
+        adaptive: bool = False,
+        *,
+        eig_seed: int = 0,
+        eig_shift: str | float = "auto",
+        hvp_mode: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        self.alpha = _check_nonnegative("alpha", alpha)
+        self.eig_every = _check_positive_int("eig_every", eig_every)
+        self.eig_iters = _check_positive_int("eig_iters", eig_iters)
+        if adaptive:
+            raise ValueError(
+                "EigenSAM does not support adaptive=True: Eigen-SAM is defined for SAM's "
+                "Euclidean perturbation (use SAM(adaptive=True) for ASAM)"
+            )
+        if not (eig_shift == "auto" or (isinstance(eig_shift, int | float)
+                                        and not isinstance(eig_shift, bool)
+                                        and math.isfinite(eig_shift))):
+            raise ValueError(f"eig_shift must be 'auto' or a finite number; got {eig_shift!r}")
+        if hvp_mode not in MODES:
+            raise ValueError(f"hvp_mode must be one of {', '.join(MODES)}; got {hvp_mode!r}")
+        if isinstance(eig_seed, bool) or not isinstance(eig_seed, int):
+            raise ValueError(f"eig_seed must be an integer; got {eig_seed!r}")
+        self.renormalize = bool(renormalize)
+        self.eig_seed = eig_seed
+        self.eig_shift = eig_shift
+        self.hvp_mode = hvp_mode
+        super().__init__(params, base_optimizer, rho=rho, adaptive=False, **base_kwargs)
+
+        self.global_step = 0
+        self.eig_updates = 0
+        self.eig_hvps = 0
+        self.eigenvector: Tensor | None = None
+        self.eigenvalue: float | None = None
+        self.eigen_residual: float | None = None
+        self._last_eig_step: int | None = None
+        self._shift: float | None = None     # the kept power-iteration shift (see below)
+        self._dot_ev: Tensor | None = None   # <e, v> of the last perturbation
+        self._norm_e: Tensor | None = None   # ||e|| of the last perturbation
+
+    # ------------------------------------------------------------------ eigenvector
+    def maybe_update_eigenvector(
+        self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], inputs: Any,
+        targets: Tensor,
+    ) -> bool:
+        """Refresh the eigenvector if this step is due (``global_step % eig_every == 0``
+        and not refreshed at this step yet). Call it every step, before
+        :meth:`first_step`, with the step's minibatch. Returns whether it refreshed.
+
+        ``global_step`` counts completed optimizer steps (:meth:`second_step` calls), so
+        calling this twice in one step refreshes once, and skipping it on a due step skips
+        that refresh.
+        """
+        if self.global_step % self.eig_every != 0 or self._last_eig_step == self.global_step:
+            return False
+        self.update_eigenvector(model, loss_fn, inputs, targets)
+        return True
+
+    def update_eigenvector(
+        self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], inputs: Any,
+        targets: Tensor,
+    ) -> None:
+        """Refresh the eigenvector now: ``eig_iters`` power-iteration steps on the Hessian
+        of ``loss_fn(model(inputs), targets)`` with respect to this optimizer's parameters
+        (the model's other parameters held fixed), model in eval mode, warm-started from
+        the current estimate.
+
+        ``model`` must hold the optimizer's parameters; pass the bare module, not a
+        ``DistributedDataParallel`` wrapper (the products need no gradient all-reduce).
+        The global RNG is not touched, so the training's random stream is unaffected.
+        """
+        if self._perturbed:
+            raise RuntimeError(
+                "update_eigenvector called between first_step and second_step: the weights "
+                "are perturbed; call it before first_step"
+            )
+        params = self._params()
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(params) if id(p) not in name_of]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of the optimizer's {len(params)} parameters (the first at "
+                f"position {missing[0]}) are not parameters of the model passed to "
+                "update_eigenvector: pass the model the optimizer trains"
+            )
+        # the operator takes the trainable ones; the others get zero eigenvector entries
+        selected = {id(p) for p in params if p.requires_grad}
+        if not selected:
+            raise ValueError("none of the optimizer's parameters requires a gradient")
+        # a tuple input of two items would read as a list of batches: wrap explicitly
+        data = ((inputs, targets) if isinstance(inputs, Tensor | Mapping)
+                else [(inputs, targets)])
+        op = HessianOperator(
+            model, loss_fn, data,
+            params=lambda name, p: id(p) in selected,
+            mode=self.hvp_mode,
+            check_determinism=False,
+        )
+
+        def to_operator(flat: Tensor) -> Tensor:
+            # the optimizer orders parameters by group, the operator by model.named_parameters
+            chunks = dict(zip((id(p) for p in params),
+                              torch.split(flat, [p.numel() for p in params]), strict=True))
+            return op.flatten({n: chunks[id(op_p)] for n, op_p in _named(model, op)})
+
+        if self.eigenvector is None:
+            # the same numbers on every device and dtype: drawn on the CPU in float64
+            v0_flat = torch.randn(sum(p.numel() for p in params), generator=generator(
+                self.eig_seed), dtype=torch.float64)
+            v0_flat = v0_flat * torch.cat([
+                torch.full((p.numel(),), float(id(p) in selected), dtype=torch.float64)
+                for p in params
+            ])
+        else:
+            v0_flat = self.eigenvector
+        v0 = to_operator(v0_flat)
+
+        shift = self.eig_shift
+        if shift == "auto" and self._shift is not None:
+            shift = self._shift
+        result = power_iteration(
+            op, k=1, tol=0.0, max_iter=self.eig_iters, v0=v0,
+            seed=self.eig_seed + self.eig_updates + 1, shift=shift,
+        )
+        if self.eig_shift == "auto":
+            # power_iteration's "auto" shifts past a dominant negative eigenvalue by
+            # restarting from a random vector, which throws the warm start away at every
+            # refresh (the estimate then never settles); keep the shift instead, and lower
+            # it whenever the estimate falls below it (a sign it is too high to favour the top)
+            used, theta = float(result.settings["shift"]), float(result.eigenvalues[0])
+            if used != 0.0:
+                self._shift = used
+            if self._shift is not None and theta < self._shift:
+                self._shift = theta
+        u = op.unflatten(result.eigenvectors[:, 0])
+        u_by_id = {id(op_p): u[n] for n, op_p in _named(model, op)}
+        device, dtype = self._shared_device(), op.dtype
+        v = torch.cat([
+            (u_by_id[id(p)].reshape(-1) if id(p) in u_by_id
+             else torch.zeros(p.numel())).to(device, dtype)
+            for p in params
+        ])
+        self.eigenvector = v / torch.linalg.vector_norm(v)
+        self.eigenvalue = float(result.eigenvalues[0])
+        self.eigen_residual = float(result.residuals[0])
+        self.eig_hvps += op.hvp_count
+        self.eig_updates += 1
+        self._last_eig_step = self.global_step
+        if self.hvp_mode == "auto" and op.mode is not None:
+            self.hvp_mode = op.mode  # measured once; keep it (and save it) from now on
+
+    # ------------------------------------------------------------------ the perturbation
+    def _perturbation(self) -> dict[Tensor, Tensor]:
+        """Eigen-SAM's ``e`` (see the module docstring); SAM's before the first estimate."""
+        if self.eigenvector is None:
+            self._dot_ev = self._norm_e = None
+            return super()._perturbation()
+        device = self._shared_device()
+        pairs = []   # (group, p, g or None, v chunk)
+        for (group, p), v in zip(self._group_params(),
+                                 torch.split(self.eigenvector, [q.numel() for q in
+                                                                self._params()]), strict=True):
+            pairs.append((group, p, p.grad, v.view_as(p).to(p.device, p.dtype)))
+        with_grad = [(group, p, g, v) for group, p, g, v in pairs if g is not None]
+        if not with_grad:
+            raise RuntimeError(
+                "no parameter has a gradient: run the forward and backward pass at the "
+                "current weights before first_step"
+            )
+
+        def total(values: list[Tensor]) -> Tensor:
+            return torch.stack([x.to(device, torch.float64) for x in values]).sum()
+
+        # inner products over all parameters, accumulated in float64 on one device
+        gg = total([torch.sum(g * g) for _, _, g, _ in with_grad])
+        gv = total([torch.sum(g * v) for _, _, g, v in with_grad])
+        grad_norm = torch.sqrt(gg)
+        self._grad_norm_t = grad_norm.detach()
+        inv = 1.0 / (grad_norm + 1e-12)
+        c = gv * inv                 # <g_hat, v>
+        s = torch.sign(gv)           # sign(<g, v>); 0 (no eigenvector term) if orthogonal
+
+        # d = g_hat + alpha s (v - c g_hat) = (1 - alpha s c) g_hat + alpha s v
+        a_g = (1.0 - self.alpha * s * c) * inv
+        a_v = self.alpha * s
+        d = {}
+        for _, p, g, v in with_grad:
+            d[p] = (g * a_g.to(p.device, g.dtype)).add_(v * a_v.to(p.device, g.dtype))
+        if self.renormalize:
+            d_norm = torch.sqrt(total([torch.sum(x * x) for x in d.values()]))
+            scale = 1.0 / (d_norm + 1e-12)
+        else:
+            scale = torch.ones((), dtype=torch.float64, device=device)
+        out = {}
+        for group, p, _, _ in with_grad:
+            out[p] = d[p].mul_((group["rho"] * scale).to(p.device, p.dtype))
+        # alignment with v of what is actually applied (v has unit length)
+        self._dot_ev = total([torch.sum(out[p] * v) for _, p, _, v in with_grad]).detach()
+        self._norm_e = torch.sqrt(total([torch.sum(e * e) for e in out.values()])).detach()
+        return out
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        super().second_step(zero_grad=zero_grad)
+        self.global_step += 1
+
+    # ------------------------------------------------------------------ diagnostics
+    @property
+    def last_signed_alignment(self) -> float | None:
+        """``<e, v> / ||e||`` for the last perturbation ``e`` and the eigenvector ``v`` it
+        used; ``None`` before the first estimate."""
+        if self._dot_ev is None or self._norm_e is None:
+            return None
+        norm = float(self._norm_e)
+        return float(self._dot_ev) / norm if norm > 0 else 0.0
+
+    @property
+    def last_alignment(self) -> float | None:
+        """``|<e, v>| / ||e||`` (the paper's alignment) for the last perturbation."""
+        signed = self.last_signed_alignment
+        return None if signed is None else abs(signed)
+
+    # ------------------------------------------------------------------ state
+    def _extra_state(self) -> dict[str, Any]:
+        state = super()._extra_state()
+        state.update(
+            global_step=self.global_step,
+            last_eig_step=self._last_eig_step,
+            eig_updates=self.eig_updates,
+            eig_hvps=self.eig_hvps,
+            hvp_mode=self.hvp_mode,
+            shift=self._shift,
+            eigenvector=None if self.eigenvector is None else self.eigenvector.detach().clone(),
+            eigenvalue=self.eigenvalue,
+            eigen_residual=self.eigen_residual,
+            dot_ev=None if self._dot_ev is None else float(self._dot_ev),
+            norm_e=None if self._norm_e is None else float(self._norm_e),
+        )
+        return state
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        super()._load_extra_state(extra)
+        self.global_step = int(extra.get("global_step", 0))
+        self._last_eig_step = extra.get("last_eig_step")
+        self.eig_updates = int(extra.get("eig_updates", 0))
+        self.eig_hvps = int(extra.get("eig_hvps", 0))
+        if extra.get("hvp_mode") in MODES:
+            self.hvp_mode = extra["hvp_mode"]
+        shift = extra.get("shift")
+        self._shift = None if shift is None else float(shift)
+        self.eigenvalue = extra.get("eigenvalue")
+        self.eigen_residual = extra.get("eigen_residual")
+        v = extra.get("eigenvector")
+        if v is not None:
+            dim = sum(p.numel() for p in self._params())
+            if not isinstance(v, Tensor) or v.shape != (dim,):
+                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(
+                    f"the saved eigenvector has shape {shape}, but this optimizer's "
+                    f"parameters have {dim} entries: not the same model"
+                )
+            v = v.detach().clone().to(self._shared_device())
+        self.eigenvector = v
+        dot, norm = extra.get("dot_ev"), extra.get("norm_e")
+        self._dot_ev = None if dot is None else torch.tensor(dot, dtype=torch.float64)
+        self._norm_e = None if norm is None else torch.tensor(norm, dtype=torch.float64)
+
+
+def _named(model: nn.Module, op: HessianOperator) -> list[tuple[str, Tensor]]:
+    """The operator's parameters as ``(name, live parameter)``, in the operator's order."""
+    live = dict(model.named_parameters())
+    return [(n, live[n]) for n in op.param_names]

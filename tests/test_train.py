@@ -1,0 +1,135 @@
+"""`hessdiag train`: records in the store, checkpoints, exact resume after SIGKILL, divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hessdiag.cli.app import app
+from typer.testing import CliRunner
+
+from hessdiag.checkpoints import load_checkpoint
+from hessdiag.store import Store
+from hessdiag.train import TrainConfig, train
+
+SMALL = dict(model="mlp", data="digits", model_kwargs={"hidden": 16}, samples=512,
+             batch_size=128, epochs=2, lr=0.05, seed=3)
+
+
+def _weights(path):
+    return load_checkpoint(path).model.state_dict()
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam", "eigensam"])
+def test_a_run_writes_metrics_sharpness_and_checkpoints(tmp_path, optimizer):
+    cfg = TrainConfig(**SMALL, optimizer=optimizer, eig_every=2, sharpness_every=4,
+                      checkpoint_every=3, run_name=f"r-{optimizer}",
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    store = Store(tmp_path / "s.h5")
+    result = train(cfg, store=store)
+    assert result.status == "finished" and result.steps == 8 and result.epochs == 2
+    run = store.run(f"r-{optimizer}")
+    x = run.arrays
+    assert x["metrics/step"].tolist() == list(range(1, 9))
+    assert np.isfinite(x["metrics/loss"]).all()
+    assert np.isfinite(x["metrics/test_acc"][[3, 7]]).all()  # epoch ends
+    assert np.isnan(x["metrics/test_acc"][[0, 1, 2, 4, 5, 6]]).all()
+    assert x["sharpness/step"].tolist() == [4, 8]
+    assert (x["sharpness/lambda_max"] > 0).all()
+    assert (x["sharpness/lambda_max_converged"] == 1).all()
+    assert ((x["sharpness/alignment"] >= 0) & (x["sharpness/alignment"] <= 1)).all()
+    assert x["checkpoints/step"].tolist() == [3, 6, 8]
+    assert x["checkpoints/final"].tolist() == [False, False, True]
+    assert run.attrs["status"] == "finished" and run.attrs["config"]["optimizer"] == optimizer
+    final = load_checkpoint(result.final_checkpoint)
+    assert final.info.step == 8 and final.info.run_id == f"r-{optimizer}"
+    assert final.info.data["spec"] == "digits"
+    # the lr follows the cosine schedule from the configured peak
+    np.testing.assert_allclose(x["metrics/lr"][0], 0.05)
+    assert x["metrics/lr"][-1] < 0.05 * 0.05
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--model", "mlp", "--data", "digits", "--samples", "512", "--batch-size", "64",
+            "--epochs", "4", "--optimizer", "eigensam", "--eig-every", "5", "--augment",
+            "--checkpoint-every", "8", "--sharpness-every", "12", "--seed", "1", "--quiet"]
+
+    def cli(extra, store, wait=True):
+        cmd = [sys.executable, "-m", "hessdiag", "train", *args, *extra, "--store", str(store),
+               "--checkpoint-dir", str(tmp_path / "ckpt")]
+        if wait:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    done = cli(["--run-name", "whole"], tmp_path / "whole.h5")
+    assert done.returncode == 0, done.stderr
+    proc = cli(["--run-name", "killed"], tmp_path / "killed.h5", wait=False)
+    marker = tmp_path / "ckpt" / "killed" / "step-000016.pt"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    store = Store(tmp_path / "killed.h5")
+    run = store.run("killed")  # opens after the kill, with every flushed record
+    assert run.attrs["status"] == "running"
+    # the kill may land between writing a checkpoint file and recording it: the store
+    # records a prefix of the checkpoints, and --resume starts from its last one
+    assert run.arrays["checkpoints/step"].tolist() in ([8], [8, 16], [8, 16, 24])
+    assert not (tmp_path / "ckpt" / "killed" / "step-000032.pt").exists()
+    resumed = subprocess.run([sys.executable, "-m", "hessdiag", "train", "--resume", "killed",
+                              "--store", str(tmp_path / "killed.h5"), "--quiet"],
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = _weights(tmp_path / "ckpt" / "whole" / "step-000032.pt")
+    again = _weights(tmp_path / "ckpt" / "killed" / "step-000032.pt")
+    assert _equal(whole, again)
+    a, b = Store(tmp_path / "whole.h5").run("whole"), Store(tmp_path / "killed.h5").run("killed")
+    assert a.arrays["metrics/step"].tolist() == b.arrays["metrics/step"].tolist()
+    np.testing.assert_array_equal(a.arrays["metrics/loss"], b.arrays["metrics/loss"])
+    np.testing.assert_allclose(a.arrays["sharpness/lambda_max"], b.arrays["sharpness/lambda_max"],
+                               rtol=1e-3)
+    assert b.attrs["status"] == "finished"
+
+
+def test_divergence_stops_with_exit_1_and_keeps_records(tmp_path):
+    result = CliRunner().invoke(app, [
+        "train", "--model", "mlp", "--data", "digits", "--samples", "256", "--epochs", "20",
+        "--lr", "1e6", "--schedule", "constant", "--checkpoint-every", "2", "--run-name", "boom",
+        "--store", str(tmp_path / "s.h5"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+        "--json"])
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "diverged" and "at step" in summary["message"]
+    assert "at step" in result.stderr
+    run = Store(tmp_path / "s.h5").run("boom")
+    assert run.attrs["status"] == "diverged"
+    assert len(run.arrays["metrics/step"]) == summary["steps"]
+    for path in run.arrays["checkpoints/path"]:
+        assert Path(path.decode() if isinstance(path, bytes) else path).exists()
+
+
+def test_bad_train_input_exits_2(tmp_path):
+    runner = CliRunner()
+    for args, message in [
+        (["--model", "mlp"], "--model and --data"),
+        (["--model", "mlp", "--data", "digits", "--optimizer", "adam"], "--optimizer"),
+        (["--model", "nope", "--data", "digits"], "unknown model"),
+        (["--resume", "ghost"], "no run 'ghost'"),
+    ]:
+        result = runner.invoke(app, ["train", *args, "--store", str(tmp_path / "s.h5")])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr
