@@ -18,9 +18,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	mkdir -p demo-output
-	$(BIN)/hessdiag spectrum checkpoints/digits-mlp.pt --lambda-min --trace --density \
-		--store demo-output/hessdiag.h5 --plot demo-output/density.png
+	rm -rf demo-output && mkdir -p demo-output
+	$(BIN)/hessdiag train --model mlp --data digits --optimizer eigensam --epochs 10 \
+		--eig-every 10 --sharpness-every 24 --run-name demo \
+		--checkpoint-dir demo-output/checkpoints --store demo-output/hessdiag.h5
+	$(BIN)/hessdiag spectrum demo-output/checkpoints/demo/step-000120.pt --lambda-min --trace \
+		--density --store demo-output/hessdiag.h5 --plot demo-output/density.png
 	$(BIN)/hessdiag show demo-output/hessdiag.h5
 
 test: $(VENV)/.installed-test

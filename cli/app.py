@@ -312,6 +312,125 @@ def train(
 
 @app.command()
 @handles_errors
+def align(
+    targets: list[Path] = typer.Argument(..., help="Checkpoints, or directories of "
+                                         "checkpoints (a run's series, in step order)."),
+    perturbation: str = typer.Option("sam", "--perturbation", help="sam, asam or eigensam."),
+    rho: float = typer.Option(0.05, "--rho", help="Perturbation radius."),
+    alpha: float = typer.Option(0.2, "--alpha", help="Eigen-SAM's eigenvector weight."),
+    batches: int = typer.Option(20, "--batches", help="Minibatches to average over (B)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Samples per minibatch."),
+    top_k: int = typer.Option(1, "--top-k", help="Also the share of the perturbation in "
+                              "the top-K eigenspace (K > 1)."),
+    samples: int = typer.Option(512, "--samples", help="Training samples in the fixed "
+                                "measurement set of the Hessian."),
+    model: str | None = typer.Option(None, "--model", help="Architecture (default: the "
+                                     "checkpoint's)."),
+    data: str | None = typer.Option(None, "--data", help="Data (default: the checkpoint's)."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Data files' folder."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the minibatch draw and Lanczos."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    follow: bool = typer.Option(False, "--follow", help="Watch the directory while "
+                                "`hessdiag train` writes it; stop after its final checkpoint."),
+    poll: float = typer.Option(1.0, "--poll", help="--follow: seconds between looks."),
+    timeout: float | None = typer.Option(None, "--timeout", help="--follow: give up after "
+                                         "this many seconds without a new checkpoint."),
+    store: Path = typer.Option(Path("hessdiag.h5"), "--store", help="HDF5 store."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Alignment |cos(e, v)| between SAM-type perturbations e and the top Hessian
+    eigenvector v, with 95% confidence intervals, at each checkpoint."""
+    import time
+
+    from hessdiag.align import RULES, AlignSettings, align_checkpoint
+    from hessdiag.checkpoints import checkpoint_files
+    from hessdiag.spectrum import DataSettings, resolve_device
+    from hessdiag.store import Store
+
+    if perturbation not in RULES:
+        raise UsageError(f"--perturbation must be one of {', '.join(RULES)}; got "
+                         f"{perturbation!r}")
+    for name, value, low in (("--batches", batches, 2), ("--batch-size", batch_size, 1),
+                             ("--top-k", top_k, 1), ("--samples", samples, 1)):
+        if value < low:
+            raise UsageError(f"{name} must be at least {low}; got {value}")
+    if not rho > 0:
+        raise UsageError(f"--rho must be positive; got {rho}")
+    if follow and (len(targets) != 1 or not targets[0].is_dir()):
+        raise UsageError("--follow watches one directory (a run's checkpoint folder)")
+    resolve_device(device)
+    target_store = Store(store)
+    target_store.check_writable()
+    settings = AlignSettings(rule=perturbation, rho=rho, alpha=alpha, batches=batches,
+                             batch_size=batch_size, top_k=top_k, samples=samples, seed=seed,
+                             device=device)
+    data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root))
+
+    def files() -> list[Path]:
+        out: list[Path] = []
+        for t in targets:
+            if t.is_dir():
+                found, skipped = checkpoint_files(t)
+                for s in skipped:
+                    if str(s) not in noted:
+                        noted.add(str(s))
+                        render.stderr.print(f"note: skipping {s} (not a .pt checkpoint)")
+                out += found
+            elif not t.exists():
+                raise UsageError(f"{t} does not exist")
+            else:
+                out.append(t)
+        return out
+
+    def measure(path: Path) -> bool:
+        done = with_progress(not quiet and not as_json, path.name,
+                             lambda progress: align_checkpoint(
+                                 str(path), settings=settings, data=data_settings,
+                                 model_spec=model, store=target_store, progress=progress))
+        r = done.result
+        if as_json:
+            render.emit_json({"checkpoint": str(path), "step": done.checkpoint.step,
+                              "alignment": r.alignment, "alignment_signed": r.alignment_signed,
+                              "ci95": list(r.ci95), "batches": r.batches,
+                              "lambda_max": r.lambda_max, "analysis_id": done.analysis_id,
+                              **{k: v for k, v in r.to_dict().items()
+                                 if k not in ("alignment", "alignment_signed", "ci95",
+                                              "batches", "lambda_max")}})
+        else:
+            render.stdout.print(render.alignment_line(path, done))
+        return done.final
+
+    noted: set[str] = set()
+    if not follow:
+        paths = files()
+        if not paths:
+            raise UsageError(f"no checkpoints (*.pt) in {', '.join(map(str, targets))}")
+        for path in paths:
+            measure(path)
+        return
+    seen: set[str] = set()
+    last_new = time.monotonic()
+    try:
+        while True:
+            new = [p for p in files() if str(p) not in seen]
+            for path in new:
+                seen.add(str(path))
+                last_new = time.monotonic()
+                if measure(path):
+                    render.stderr.print(f"measured the run's final checkpoint {path}: done")
+                    return
+            if timeout is not None and time.monotonic() - last_new > timeout:
+                render.stderr.print(f"no new checkpoint for {timeout:g} s: stopping")
+                return
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        render.stderr.print(f"stopped; {len(seen)} checkpoints measured")
+
+
+@app.command()
+@handles_errors
 def show(
     store: Path = typer.Argument(Path("hessdiag.h5"), help="The store to read."),
     analysis_id: str | None = typer.Argument(None, help="Show one analysis in full."),

@@ -186,3 +186,16 @@ def runs_table(rows: list[dict[str, Any]], title: str) -> Table:
                       f"{r['steps']}/{r['total_steps']}", fmt(r["loss"]), fmt(r["test_acc"]),
                       fmt(r["lambda_max"]), fmt(r["alignment"], 3))
     return table
+
+
+def alignment_line(path, done) -> str:
+    r = done.result
+    step = "" if done.checkpoint.step is None else f" step {done.checkpoint.step}"
+    share = "" if r.topk_share is None else (
+        f", top-{r.top_k} share {r.topk_share:.3f} [{r.topk_share_ci95[0]:.3f}, "
+        f"{r.topk_share_ci95[1]:.3f}]")
+    conv = "" if r.converged[0] else " [red](not converged)[/red]"
+    return (f"{path.name}{step}: {r.rule} alignment |cos| {r.alignment:.4f} "
+            f"[{r.ci95[0]:.4f}, {r.ci95[1]:.4f}] (95% CI, {r.batches} batches), signed "
+            f"{r.alignment_signed:+.4f}, λ_max {r.lambda_max:.5g}{conv}{share}; "
+            f"analysis {done.analysis_id}")

@@ -248,3 +248,20 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def checkpoint_files(directory: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(checkpoints, skipped)`` in a directory: ``*.pt`` files in step order (by the
+    number in ``step-NNNNNN.pt``, else by name), and the other files."""
+    import re
+
+    directory = Path(directory)
+    files = [p for p in sorted(directory.iterdir()) if p.is_file()
+             and not p.name.startswith(".")]
+    pts = [p for p in files if p.suffix == ".pt"]
+
+    def key(p: Path) -> tuple[int, str]:
+        m = re.search(r"step-(\d+)", p.name)
+        return (int(m.group(1)) if m else -1, p.name)
+
+    return sorted(pts, key=key), [p for p in files if p.suffix != ".pt"]
