@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hessdiag.cli.app import app
 from torch import nn
 from typer.testing import CliRunner
 
 from hessdiag.align import AlignmentProbe, measure_alignment
-from hessdiag.cli.app import app
 from hessdiag.optim import SAM
 from hessdiag.store import Store
 from hessdiag.train import TrainConfig, train
