@@ -7,7 +7,6 @@ frozen :class:`SpectrumResult`. The CLI's ``spectrum`` command and the demo both
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,10 +159,6 @@ def compute_spectrum(
                   "density": density, "slq_probes": slq_probes, "slq_steps": slq_steps,
                   "mode": mode},
     )
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
 
 
 # --------------------------------------------------------------------------- checkpoints

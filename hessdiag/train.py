@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -410,7 +410,3 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         lambda_max=last_sharp.get("lambda_max"), alignment=last_sharp.get("alignment"),
         seconds=seconds, message=message,
     )
-
-
-def with_overrides(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    return replace(cfg, **changes)

@@ -179,6 +179,7 @@ class Store:
             group = f["analyses"].create_group(analysis_id)
             group.attrs["kind"] = kind
             group.attrs["created"] = now()
+            group.attrs["sequence"] = len(f["analyses"]) - 1  # write order
             for key, value in attrs.items():
                 group.attrs[key] = _to_attr(value)
             for key, value in arrays.items():
@@ -249,32 +250,31 @@ class Store:
             yield f
 
     def analysis_ids(self) -> list[str]:
-        with self._reader() as f:
-            return [] if f is None else sorted(f["analyses"].keys(),
-                                               key=lambda k: f["analyses"][k].attrs["created"])
+        return [r.id for r in self.analyses()]
 
     def analyses(self) -> list[Record]:
+        """Every analysis, in the order they were written."""
         with self._reader() as f:
             if f is None:
                 return []
-            groups = sorted(f["analyses"].values(), key=lambda g: str(g.attrs["created"]))
+            groups = sorted(f["analyses"].values(),
+                            key=lambda g: (int(g.attrs.get("sequence", -1)),
+                                           str(g.attrs["created"])))
             return [_record(g, "analyses") for g in groups]
 
     def analysis(self, analysis_id: str) -> Record:
-        with self._reader() as f:
-            if f is None or analysis_id not in f["analyses"]:
-                known = [] if f is None else list(f["analyses"].keys())
-                hint = f"; known: {', '.join(known[:5])}" if known else " (the store is empty)"
-                raise StoreError(f"no analysis {analysis_id!r} in store {self.path}{hint}")
-            return _record(f["analyses"][analysis_id], "analyses")
+        return self._one("analyses", analysis_id, "analysis")
 
     def run(self, run_id: str) -> Record:
+        return self._one("runs", run_id, "run")
+
+    def _one(self, group: str, key: str, what: str) -> Record:
         with self._reader() as f:
-            if f is None or run_id not in f["runs"]:
-                known = [] if f is None else list(f["runs"].keys())
-                hint = f"; known: {', '.join(known[:5])}" if known else " (no runs)"
-                raise StoreError(f"no run {run_id!r} in store {self.path}{hint}")
-            return _record(f["runs"][run_id], "runs")
+            if f is None or key not in f[group]:
+                known = [] if f is None else list(f[group].keys())
+                hint = f"; known: {', '.join(known[:5])}" if known else f" (no {group})"
+                raise StoreError(f"no {what} {key!r} in store {self.path}{hint}")
+            return _record(f[group][key], group)
 
     def runs(self) -> list[Record]:
         with self._reader() as f:
