@@ -133,3 +133,18 @@ def test_bad_train_input_exits_2(tmp_path):
         result = runner.invoke(app, ["train", *args, "--store", str(tmp_path / "s.h5")])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr
+
+
+def test_fine_tune_from_a_checkpoint_starts_from_its_weights(tmp_path):
+    cfg = TrainConfig(**SMALL, checkpoint_dir=str(tmp_path / "ckpt"), run_name="base")
+    base = train(cfg, store=Store(tmp_path / "s.h5"))
+    tuned_cfg = TrainConfig(**{**SMALL, "lr": 1e-9, "epochs": 1}, optimizer="sam",
+                            init_from=base.final_checkpoint, run_name="tuned",
+                            checkpoint_dir=str(tmp_path / "ckpt"))
+    tuned = train(tuned_cfg, store=Store(tmp_path / "s.h5"))
+    a, b = _weights(base.final_checkpoint), _weights(tuned.final_checkpoint)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    fresh = TrainConfig(**{**SMALL, "lr": 1e-9, "epochs": 1}, run_name="fresh",
+                        checkpoint_dir=str(tmp_path / "ckpt"))
+    c = _weights(train(fresh, store=Store(tmp_path / "s.h5")).final_checkpoint)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-3) for k in a)
