@@ -365,7 +365,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         loss = loss_fn(out, y)
         if not torch.isfinite(loss):
             status = "diverged"
-            message = f"the training loss is {float(loss)} at step {step}: stopped"
+            message = f"the training loss is {float(loss.detach())} at step {step}: stopped"
             break
         loss.backward()
         if isinstance(optimizer, SAM):
