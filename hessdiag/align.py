@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from hessdiag.curvature import HessianOperator, lanczos
+from hessdiag.data import stack_samples
 
 RULES = ("sam", "asam", "eigensam")
 
@@ -189,6 +190,30 @@ def measure_alignment(
     )
 
 
+def top_alignment(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor],
+                  measure_batches: Any, e: Tensor | None, *, v0: Tensor | None = None,
+                  tol: float = 1e-3, seed: int = 0,
+                  device: torch.device | str | None = None) -> tuple[dict[str, float], Tensor]:
+    """``lambda_max`` over ``measure_batches`` (Lanczos, warm-started from ``v0``) and the
+    cosine of ``e`` with its eigenvector; returns the row and the eigenvector (the next
+    warm start). ``e=None`` or a zero ``e`` gives ``nan`` alignments."""
+    op = HessianOperator(model, loss_fn, measure_batches, device=device,
+                         check_determinism=False)
+    top = lanczos(op, k=1, tol=tol, seed=seed, v0=v0)
+    v = top.eigenvectors[:, 0].detach()
+    cos = math.nan
+    if e is not None:
+        e = e.to(v)
+        norm = float(torch.linalg.vector_norm(e))
+        if norm > 0:
+            cos = float(e @ v) / norm
+    row = {"alignment": abs(cos), "alignment_signed": cos,
+           "lambda_max": float(top.eigenvalues[0]),
+           "lambda_max_residual": float(top.residuals[0]),
+           "lambda_max_converged": float(top.converged[0]), "hvps": float(top.hvps)}
+    return row, v
+
+
 def _as_flat(value: Any, params: list[nn.Parameter]) -> Tensor:
     """A perturbation or gradient given as a flat tensor, a list of tensors in parameter
     order, a ``{parameter: tensor}`` dict (as ``SAM.last_perturbation``), or ``None``
@@ -256,16 +281,9 @@ class AlignmentProbe:
         if step % self.every != 0:
             return None
         e = _as_flat(perturbation_or_grad, self.params)
-        op = HessianOperator(self.model, self.loss_fn, self.batches, check_determinism=False)
-        top = lanczos(op, k=1, tol=self.tol, seed=self.seed, v0=self.vector)
-        v = top.eigenvectors[:, 0]
-        self.vector = v.detach()
-        e = e.to(v)
-        norm = float(torch.linalg.vector_norm(e))
-        cos = float(e @ v) / norm if norm > 0 else math.nan
-        row = {"step": float(step), "alignment": abs(cos), "alignment_signed": cos,
-               "lambda_max": float(top.eigenvalues[0]),
-               "lambda_max_residual": float(top.residuals[0]), "hvps": float(top.hvps)}
+        measured, self.vector = top_alignment(self.model, self.loss_fn, self.batches, e,
+                                              v0=self.vector, tol=self.tol, seed=self.seed)
+        row = {"step": float(step), **measured}
         self.history.append(row)
         if self.store is not None:
             self.store.append_run(self.run, {"alignment": {k: [v_] for k, v_ in row.items()}})
@@ -307,13 +325,8 @@ def random_minibatches(dataset: Any, count: int, batch_size: int,
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=gen)
                        for _ in range(math.ceil(count * batch_size / n))])
-    out = []
-    for b in range(count):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        items = [dataset[int(i)] for i in idx]
-        out.append((torch.stack([t[0] for t in items]),
-                    torch.as_tensor([int(t[1]) for t in items])))
-    return out
+    return [stack_samples(dataset, order[b * batch_size:(b + 1) * batch_size])
+            for b in range(count)]
 
 
 def align_checkpoint(path: str, *, settings: AlignSettings, data: Any,

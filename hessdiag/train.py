@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hessdiag.align import top_alignment
 from hessdiag.checkpoints import load_checkpoint, save_checkpoint
-from hessdiag.curvature import HessianOperator, lanczos
-from hessdiag.data import load_dataset
+from hessdiag.data import load_dataset, stack_samples
 from hessdiag.models import build_model
 from hessdiag.optim import SAM, EigenSAM, make_base_optimizer
 from hessdiag.optim.sam import disable_running_stats, enable_running_stats
@@ -163,13 +163,6 @@ def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def _stack(dataset, indices) -> tuple[Tensor, Tensor]:
-    items = [dataset[int(i)] for i in indices]
-    x = torch.stack([t[0] for t in items])
-    y = torch.as_tensor([int(t[1]) for t in items])
-    return x, y
-
-
 def _flat(tensors) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -197,21 +190,9 @@ class _Sharpness:
         self.vector: Tensor | None = None
 
     def measure(self, perturbation: Tensor | None) -> dict[str, float]:
-        op = HessianOperator(self.model, nn.CrossEntropyLoss(), self.batches,
-                             device=self.device, check_determinism=False)
-        top = lanczos(op, k=1, tol=1e-3, seed=self.seed, v0=self.vector)
-        v = top.eigenvectors[:, 0]
-        self.vector = v.detach()
-        row = {"lambda_max": float(top.eigenvalues[0]),
-               "lambda_max_residual": float(top.residuals[0]),
-               "lambda_max_converged": float(top.converged[0]), "hvps": float(top.hvps),
-               "alignment": math.nan, "alignment_signed": math.nan}
-        if perturbation is not None:
-            e = perturbation.to(v)
-            norm = float(torch.linalg.vector_norm(e))
-            if norm > 0:
-                cos = float(e @ v) / norm
-                row["alignment"], row["alignment_signed"] = abs(cos), cos
+        row, self.vector = top_alignment(self.model, nn.CrossEntropyLoss(), self.batches,
+                                         perturbation, v0=self.vector, seed=self.seed,
+                                         device=self.device)
         return row
 
 
@@ -349,7 +330,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         epoch, position = divmod(step, steps_per_epoch)
         order = _epoch_order(n_train, cfg.seed, epoch)
         lo = position * cfg.batch_size
-        x, y = _stack(train_info.dataset, order[lo:lo + cfg.batch_size])
+        x, y = stack_samples(train_info.dataset, order[lo:lo + cfg.batch_size])
         if cfg.augment:
             x = _augment(x, aug_gen, flip)
         x, y = x.to(device), y.to(device)

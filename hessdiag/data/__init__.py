@@ -11,4 +11,13 @@ from hessdiag.data.registry import (
 )
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DataInfo", "DatasetInfoRow", "default_download_root",
-           "list_datasets", "load_dataset", "load_digits"]
+           "list_datasets", "load_dataset", "load_digits", "stack_samples"]
+
+
+def stack_samples(dataset, indices) -> tuple:
+    """The samples at ``indices`` of a map-style dataset as one batch ``(x, y)``."""
+    import torch
+
+    items = [dataset[int(i)] for i in indices]
+    return (torch.stack([t[0] for t in items]),
+            torch.as_tensor([int(t[1]) for t in items]))
