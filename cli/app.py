@@ -1,9 +1,16 @@
-"""The ``hessdiag`` command: one function per command, errors as one line and exit code 2."""
+"""The ``hessdiag`` command: one function per command; options map onto the library's
+settings (:mod:`hessdiag.settings`, whose defaults they show), and the library's errors
+become one line and exit code 2.
+
+Exit codes: 0 success; 1 a check failed (a diverged training run); 2 bad input;
+3 an internal error (a bug: the one line points to ``--debug`` for the traceback).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +21,52 @@ from hessdiag.cli import render
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hessdiag import __version__
+from hessdiag._errors import InputError, first_line
+from hessdiag.settings import (
+    BASES,
+    DTYPES,
+    HVP_MODES,
+    METHODS,
+    OPTIMIZERS,
+    RULES,
+    SCHEDULES,
+    SPLITS,
+    TRACE_METHODS,
+    AlignSettings,
+    DataSettings,
+    SpectrumSettings,
+    TrainConfig,
+)
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+SPECTRUM, ALIGN, DATA = SpectrumSettings(), AlignSettings(), DataSettings()
+TRAIN = TrainConfig(model="", data="")
+
+# library parameter -> the option that sets it, where the names differ
+FLAGS = {"root": "--data-root", "model_spec": "--model", "unsafe": "--unsafe-load",
+         "rule": "--perturbation", "init_from": "--from", "data": "--data",
+         "method": "--method"}
+
+
+# options shared by several commands (one declaration each)
+MODEL_OPTION = typer.Option(None, "--model", help="Architecture: a name from `hessdiag "
+                            "models`, package.module:factory or file.py:factory (analyses: "
+                            "default the checkpoint's; needed for plain state_dict files).")
+DATA_OPTION = typer.Option(None, "--data", help="Data: a name from `hessdiag datasets`, "
+                           "imagefolder:PATH, or a factory spec (analyses: default the "
+                           "checkpoint's).")
+LOSS_OPTION = typer.Option(None, "--loss", help="cross-entropy, nll, bce, mse, "
+                           "package.module:factory or file.py:factory (default: the "
+                           "checkpoint's, else the data's, else cross-entropy).")
+DATA_ROOT_OPTION = typer.Option(None, "--data-root", help="Folder holding the data set's "
+                                "files.")
+STORE_OPTION = typer.Option(Path("hessdiag.h5"), "--store", help="HDF5 store to append to.")
+JSON_OPTION = typer.Option(False, "--json", help="JSON on stdout (one object per result), "
+                           "nothing else.")
+QUIET_OPTION = typer.Option(False, "--quiet", help="No progress bar.")
+DEBUG_OPTION = typer.Option(False, "--debug", help="Show tracebacks.")
+
 
 app = typer.Typer(
     name="hessdiag",
@@ -26,8 +77,22 @@ app = typer.Typer(
 )
 
 
-class UsageError(Exception):
-    """Bad input found by the CLI itself (exit code 2)."""
+def flag(param: str) -> str:
+    """The option of a library parameter: ``batch_size`` -> ``--batch-size``."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def translate(exc: BaseException) -> str:
+    """An error's first line, with the library parameters it names as options."""
+    message = first_line(exc, 400)
+    params = getattr(exc, "param", None)
+    for param in ([params] if isinstance(params, str) else list(params or [])):
+        option = flag(param)
+        message = re.sub(rf"(?<![\w-]){re.escape(param)}=True(?![\w-])", option, message)
+        message = re.sub(rf"^{re.escape(param)}(?= )", option, message)
+        message = re.sub(rf"\b(pass|give|use|needs|another|set|as|with) {re.escape(param)}"
+                         rf"(?![\w-])", rf"\1 {option}", message)
+    return message
 
 
 def _version(value: bool) -> None:
@@ -46,7 +111,8 @@ def _root(
 
 
 def handles_errors(func: Callable) -> Callable:
-    """Turn bad input into one clear line on stderr and exit code 2 (traceback with --debug)."""
+    """Bad input: one clear line on stderr and exit code 2. Anything else is a bug: one
+    line saying so and exit code 3. ``--debug`` shows the traceback instead."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -55,16 +121,22 @@ def handles_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
-        except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError,
-                OSError, KeyError) as exc:
-            if debug:
-                raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            render.stderr.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             render.stderr.print("interrupted")
             raise typer.Exit(130) from None
+        except (ValueError, OSError) as exc:  # InputError and every error about the input
+            if debug:
+                raise
+            render.stderr.print(f"[bold red]error:[/bold red] {render.escape(translate(exc))}",
+                                soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Exception as exc:
+            if debug:
+                raise
+            render.stderr.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: "
+                                f"{render.escape(first_line(exc))} (a bug in hessdiag: rerun "
+                                "with --debug for the traceback, and report it)", soft_wrap=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
 
@@ -81,85 +153,98 @@ def with_progress(enabled: bool, label: str, job: Callable[[Any], Any]) -> Any:
         return job(lambda done, total: bar.advance(task))
 
 
+def _choices(values: tuple[str, ...]) -> str:
+    return ", ".join(values)
+
+
+def _json_kwargs(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"model_kwargs is not JSON ({exc.msg}): give an object such as "
+                         "'{\"hidden\": 64}'", param="model_kwargs") from exc
+    if not isinstance(value, dict):
+        raise InputError("model_kwargs must be a JSON object such as '{\"hidden\": 64}'",
+                         param="model_kwargs")
+    return value
+
+
 @app.command()
 @handles_errors
 def spectrum(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files (several: a run's "
                                              "series, analysed in the order given)."),
-    model: str | None = typer.Option(None, "--model", help="Architecture for plain "
-                                     "state_dict files, or to override the recorded one: a "
-                                     "name from `hessdiag models`, package.module:factory "
-                                     "or file.py:factory."),
-    data: str | None = typer.Option(None, "--data", help="Data to measure on (default: the "
-                                    "checkpoint's): a name from `hessdiag datasets`, "
-                                    "imagefolder:PATH, or a factory spec."),
-    data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding the "
-                                          "data set's files."),
-    download: bool = typer.Option(False, "--download", help="Download the data set into "
-                                  "--data-root if it is missing."),
-    split: str = typer.Option("train", "--split", help="train or test."),
-    samples: int | None = typer.Option(None, "--samples", help="Use the first N samples in "
-                                       "dataset order (default: all)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch; the "
-                                   "Hessian is of the mean loss over all samples either way."),
-    top_k: int = typer.Option(5, "--top-k", min=1, help="Top eigenvalues to compute."),
-    lambda_min: bool = typer.Option(False, "--lambda-min", help="Also the most negative "
-                                    "eigenvalue and lambda_max/|lambda_min|."),
-    trace: bool = typer.Option(False, "--trace", help="Also the trace (Hutch++)."),
-    trace_hvps: int = typer.Option(99, "--trace-hvps", min=6, help="Products for the trace."),
-    density: bool = typer.Option(False, "--density", help="Also the spectral density (SLQ)."),
-    slq_probes: int = typer.Option(5, "--slq-probes", min=1, help="SLQ probe vectors."),
-    slq_steps: int = typer.Option(60, "--slq-steps", min=2, help="Lanczos steps per probe."),
-    method: str = typer.Option("lanczos", "--method", help="lanczos or power (iteration "
-                               "with deflation) for the top eigenvalues."),
-    tol: float = typer.Option(1e-3, "--tol", help="Relative residual ||Hu - θu|| / |θ| at "
-                              "which an eigenpair counts as converged."),
-    hvp_mode: str = typer.Option("auto", "--hvp-mode", help="auto, forward-over-reverse, "
-                                 "double-backward or retained-graph."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every random start and probe."),
-    store: Path = typer.Option(Path("hessdiag.h5"), "--store", help="HDF5 store to append "
-                               "the analyses to."),
+    model: str | None = MODEL_OPTION,
+    data: str | None = DATA_OPTION,
+    loss: str | None = LOSS_OPTION,
+    data_root: Path | None = DATA_ROOT_OPTION,
+    download: bool = typer.Option(DATA.download, "--download", help="Download the data set "
+                                  "into --data-root if it is missing."),
+    split: str = typer.Option(DATA.split, "--split", help=_choices(SPLITS) + "."),
+    samples: int | None = typer.Option(DATA.samples, "--samples", help="Use the first N "
+                                       "samples in dataset order (default: all)."),
+    batch_size: int = typer.Option(DATA.batch_size, "--batch-size", help="Samples per batch; "
+                                   "the Hessian is of the mean loss over all samples either "
+                                   "way."),
+    top_k: int = typer.Option(SPECTRUM.top_k, "--top-k", help="Top eigenvalues to compute."),
+    lambda_min: bool = typer.Option(SPECTRUM.lambda_min, "--lambda-min", help="Also the most "
+                                    "negative eigenvalue and lambda_max/|lambda_min|."),
+    trace: bool = typer.Option(SPECTRUM.trace, "--trace", help="Also the trace."),
+    trace_method: str = typer.Option(SPECTRUM.trace_method, "--trace-method",
+                                     help=_choices(TRACE_METHODS) + "."),
+    trace_hvps: int = typer.Option(SPECTRUM.trace_hvps, "--trace-hvps", help="Products for "
+                                   "the trace (and for each layer's)."),
+    density: bool = typer.Option(SPECTRUM.density, "--density", help="Also the spectral "
+                                 "density (SLQ)."),
+    slq_probes: int = typer.Option(SPECTRUM.slq_probes, "--slq-probes", help="SLQ probe "
+                                   "vectors."),
+    slq_steps: int = typer.Option(SPECTRUM.slq_steps, "--slq-steps", help="Lanczos steps per "
+                                  "probe."),
+    params: str | None = typer.Option(SPECTRUM.params, "--params", help="Only the parameters "
+                                      "a pattern selects: glob, regular expression or module "
+                                      "prefix (e.g. 'encoder.*', 'fc1')."),
+    per_layer: bool = typer.Option(SPECTRUM.per_layer, "--per-layer", help="Also lambda_max "
+                                   "and trace of each parameterised module's diagonal "
+                                   "Hessian block (and the whole trace)."),
+    method: str = typer.Option(SPECTRUM.method, "--method", help=_choices(METHODS) + " (power "
+                               "iteration with deflation) for the top eigenvalues."),
+    tol: float | None = typer.Option(SPECTRUM.tol, "--tol", help="Relative residual "
+                                     "||Hu - θu|| / |θ| at which an eigenpair counts as "
+                                     "converged (default: 1e-3 in float32, 1e-6 in float64)."),
+    hvp_mode: str = typer.Option(SPECTRUM.hvp_mode, "--hvp-mode", help=_choices(HVP_MODES)
+                                 + "."),
+    dtype: str = typer.Option(SPECTRUM.dtype, "--dtype", help=_choices(DTYPES) + "."),
+    device: str = typer.Option(SPECTRUM.device, "--device", help="auto, cpu, cuda, cuda:N or "
+                               "mps."),
+    seed: int = typer.Option(SPECTRUM.seed, "--seed", help="Seed of every random start and "
+                             "probe."),
+    store: Path = STORE_OPTION,
     plot: Path | None = typer.Option(None, "--plot", help="Write the density figure here "
                                      "(PNG; needs --density; with several checkpoints, "
                                      "one file each, numbered)."),
     unsafe_load: bool = typer.Option(False, "--unsafe-load", help="Allow checkpoints that "
                                      "hold pickled Python objects. Unpickling runs code: "
                                      "only for files you trust."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per checkpoint on "
-                                 "stdout, nothing else."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Top eigenvalues (with residuals), lambda_min, trace and spectral density of the
-    training-loss Hessian at each checkpoint; each analysis is appended to the store."""
-    from hessdiag.spectrum import (
-        METHODS,
-        DataSettings,
-        SpectrumSettings,
-        analyse_checkpoint,
-        load_for_analysis,
-        resolve_device,
-    )
+    """Top eigenvalues (with residuals), lambda_min, trace, spectral density and per-layer
+    sharpness of the training-loss Hessian at each checkpoint, for any model, data and
+    loss; each analysis is appended to the store."""
+    from hessdiag.spectrum import analyse_checkpoint, check_settings
     from hessdiag.store import Store
+    from hessdiag.task import load_task
 
-    if method not in METHODS:
-        raise UsageError(f"--method must be lanczos or power; got {method!r}")
-    if dtype not in ("float32", "float64"):
-        raise UsageError(f"--dtype must be float32 or float64; got {dtype!r}")
-    if split not in ("train", "test"):
-        raise UsageError(f"--split must be train or test; got {split!r}")
-    if not tol > 0:
-        raise UsageError(f"--tol must be positive; got {tol}")
     if plot is not None and not density:
-        raise UsageError("--plot draws the spectral density: add --density")
-    resolve_device(device)
+        raise InputError("--plot draws the spectral density: add --density")
     settings = SpectrumSettings(top_k=top_k, lambda_min=lambda_min, trace=trace,
-                                density=density, method=method, tol=tol,
-                                trace_hvps=trace_hvps, slq_probes=slq_probes,
-                                slq_steps=slq_steps, dtype=dtype, device=device,
-                                mode=hvp_mode, seed=seed)
+                                trace_method=trace_method, density=density, method=method,
+                                tol=tol, trace_hvps=trace_hvps, slq_probes=slq_probes,
+                                slq_steps=slq_steps, params=params, per_layer=per_layer,
+                                dtype=dtype, device=device, hvp_mode=hvp_mode, seed=seed)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
                                  download=download, split=split, samples=samples,
                                  batch_size=batch_size)
@@ -167,7 +252,8 @@ def spectrum(
     target.check_writable()
     # every input is checked before anything is computed or written
     for path in checkpoints:
-        load_for_analysis(str(path), model_spec=model, data=data_settings, unsafe=unsafe_load)
+        check_settings(load_task(str(path), data=data_settings, model_spec=model, loss=loss,
+                                 unsafe=unsafe_load), settings)
     if unsafe_load:
         render.stderr.print("[yellow]warning:[/yellow] --unsafe-load: pickled objects in "
                             "these checkpoints were allowed to run code")
@@ -175,7 +261,7 @@ def spectrum(
         done = with_progress(
             not quiet and not as_json, path.name,
             lambda progress, path=path: analyse_checkpoint(
-                str(path), settings=settings, data=data_settings, model_spec=model,
+                str(path), settings=settings, data=data_settings, model_spec=model, loss=loss,
                 unsafe=unsafe_load, store=target, progress=progress),
         )
         figure = None
@@ -187,14 +273,19 @@ def spectrum(
             figure = plot_density(done.result.density, out,
                                   eigenvalues=done.result.top.eigenvalues,
                                   title=f"{path.name}: Hessian spectral density")
+        ck = done.task.checkpoint
         if as_json:
-            render.emit_json({"checkpoint": str(path), "step": done.checkpoint.step,
-                              **done.result.to_dict(), "analysis_id": done.analysis_id})
+            render.emit_json({"checkpoint": str(path), "step": ck.step,
+                              **done.result.to_dict(), "loss": done.task.loss.spec,
+                              "analysis_id": done.analysis_id})
             continue
-        step = "" if done.checkpoint.step is None else f", step {done.checkpoint.step}"
+        step = "" if ck.step is None else f", step {ck.step}"
         render.stdout.print(render.spectrum_table(
-            done.result, f"{path}{step}: {done.checkpoint.model_spec} on "
-                         f"{done.data['spec']} ({done.data['split']})"))
+            done.result, f"{path}{step}: {done.task.model_spec} on {done.task.data.name} "
+                         f"({done.task.data.split}), loss {done.task.loss.spec}"))
+        if done.result.layers:
+            render.stdout.print(render.layers_table(
+                [layer.to_dict() for layer in done.result.layers], done.result))
         render.stdout.print(f"analysis {done.analysis_id} written to {store}"
                             + (f"; figure {figure}" if figure else ""))
 
@@ -202,58 +293,69 @@ def spectrum(
 @app.command()
 @handles_errors
 def train(
-    model: str | None = typer.Option(None, "--model", help="Architecture: a name from "
-                                     "`hessdiag models` or a factory spec."),
-    data: str | None = typer.Option(None, "--data", help="Data set: a name from "
-                                    "`hessdiag datasets` or a factory spec."),
-    data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding the "
-                                          "data set's files."),
-    download: bool = typer.Option(False, "--download", help="Download the data if missing."),
-    samples: int | None = typer.Option(None, "--samples", help="Train on the first N "
+    model: str | None = MODEL_OPTION,
+    data: str | None = DATA_OPTION,
+    loss: str | None = LOSS_OPTION,
+    model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON object of the "
+                                            "model's keyword arguments, e.g. "
+                                            "'{\"hidden\": 64}'."),
+    data_root: Path | None = DATA_ROOT_OPTION,
+    download: bool = typer.Option(TRAIN.download, "--download", help="Download the data if "
+                                  "missing."),
+    samples: int | None = typer.Option(TRAIN.samples, "--samples", help="Train on the first N "
                                        "samples only."),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, sam or eigensam."),
-    base: str = typer.Option("sgd", "--base", help="Base optimizer: sgd, adam or adamw."),
-    lr: float = typer.Option(0.1, "--lr", help="Peak learning rate."),
-    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
-    weight_decay: float = typer.Option(5e-4, "--weight-decay", help="Weight decay."),
-    nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (SGD)."),
-    epochs: int = typer.Option(10, "--epochs", help="Epochs."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Minibatch size."),
-    rho: float = typer.Option(0.05, "--rho", help="SAM / Eigen-SAM perturbation radius."),
-    alpha: float = typer.Option(0.2, "--alpha", help="Eigen-SAM: weight of the top "
+    optimizer: str = typer.Option(TRAIN.optimizer, "--optimizer", help=_choices(OPTIMIZERS)
+                                  + "."),
+    base: str = typer.Option(TRAIN.base, "--base", help="Base optimizer: " + _choices(BASES)
+                             + "."),
+    lr: float = typer.Option(TRAIN.lr, "--lr", help="Peak learning rate."),
+    momentum: float = typer.Option(TRAIN.momentum, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(TRAIN.weight_decay, "--weight-decay",
+                                       help="Weight decay."),
+    nesterov: bool = typer.Option(TRAIN.nesterov, "--nesterov", help="Nesterov momentum "
+                                  "(SGD)."),
+    epochs: int = typer.Option(TRAIN.epochs, "--epochs", help="Epochs."),
+    batch_size: int = typer.Option(TRAIN.batch_size, "--batch-size", help="Minibatch size."),
+    rho: float = typer.Option(TRAIN.rho, "--rho", help="SAM / Eigen-SAM perturbation radius."),
+    alpha: float = typer.Option(TRAIN.alpha, "--alpha", help="Eigen-SAM: weight of the top "
                                 "eigenvector in the perturbation."),
-    eig_every: int = typer.Option(100, "--eig-every", help="Eigen-SAM: steps between "
-                                  "eigenvector updates (p)."),
-    eig_iters: int = typer.Option(5, "--eig-iters", help="Eigen-SAM: power iterations per "
-                                  "update (k)."),
-    adaptive: bool = typer.Option(False, "--adaptive", help="Adaptive SAM (ASAM)."),
-    renormalize: bool = typer.Option(False, "--renormalize", help="Eigen-SAM: rescale the "
-                                     "perturbation to length rho."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step or constant."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Label smoothing."),
-    augment: bool = typer.Option(False, "--augment", help="Random crops (and flips for "
-                                 "CIFAR)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order, "
+    eig_every: int = typer.Option(TRAIN.eig_every, "--eig-every", help="Eigen-SAM: steps "
+                                  "between eigenvector updates (p)."),
+    eig_iters: int = typer.Option(TRAIN.eig_iters, "--eig-iters", help="Eigen-SAM: power "
+                                  "iterations per update (k)."),
+    adaptive: bool = typer.Option(TRAIN.adaptive, "--adaptive", help="Adaptive SAM (ASAM)."),
+    renormalize: bool = typer.Option(TRAIN.renormalize, "--renormalize", help="Eigen-SAM: "
+                                     "rescale the perturbation to length rho."),
+    schedule: str = typer.Option(TRAIN.schedule, "--schedule", help=_choices(SCHEDULES) + "."),
+    label_smoothing: float = typer.Option(TRAIN.label_smoothing, "--label-smoothing",
+                                          help="Label smoothing (cross-entropy)."),
+    augment: bool = typer.Option(TRAIN.augment, "--augment", help="Random crops (and flips "
+                                 "for CIFAR) of image inputs."),
+    seed: int = typer.Option(TRAIN.seed, "--seed", help="Seed of initialisation, data order, "
                              "augmentation and estimators."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Write a "
-                                                "checkpoint every N steps (and at the end)."),
-    sharpness_every: int | None = typer.Option(None, "--sharpness-every", help="Log "
-                                               "lambda_max and alignment every N steps."),
-    sharpness_samples: int = typer.Option(512, "--sharpness-samples", help="Training "
-                                          "samples in the fixed measurement set."),
-    run_name: str | None = typer.Option(None, "--run-name", help="Run id (default: "
+    device: str = typer.Option(TRAIN.device, "--device", help="auto, cpu, cuda, cuda:N or "
+                               "mps."),
+    checkpoint_every: int | None = typer.Option(TRAIN.checkpoint_every, "--checkpoint-every",
+                                                help="Write a checkpoint every N steps (and "
+                                                "at the end)."),
+    sharpness_every: int | None = typer.Option(TRAIN.sharpness_every, "--sharpness-every",
+                                               help="Log lambda_max and alignment every N "
+                                               "steps (from step 0, and at the end)."),
+    sharpness_samples: int = typer.Option(TRAIN.sharpness_samples, "--sharpness-samples",
+                                          help="Training samples in the fixed measurement "
+                                          "set."),
+    run_name: str | None = typer.Option(TRAIN.run_name, "--run-name", help="Run id (default: "
                                         "generated)."),
-    checkpoint_dir: Path = typer.Option(Path("checkpoints"), "--checkpoint-dir",
+    checkpoint_dir: Path = typer.Option(Path(TRAIN.checkpoint_dir), "--checkpoint-dir",
                                         help="Checkpoints go to DIR/<run>/."),
-    init_from: Path | None = typer.Option(None, "--from", help="Fine-tune from this "
+    init_from: Path | None = typer.Option(TRAIN.init_from, "--from", help="Fine-tune from this "
                                           "checkpoint."),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run from its "
                                       "last checkpoint."),
-    store: Path = typer.Option(Path("hessdiag.h5"), "--store", help="HDF5 store."),
-    as_json: bool = typer.Option(False, "--json", help="A JSON summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    store: Path = STORE_OPTION,
+    as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Train or fine-tune with SGD, SAM or Eigen-SAM; metrics, sharpness and checkpoints
     go to the store."""
@@ -265,9 +367,10 @@ def train(
     target.check_writable()
     if resume is None:
         if model is None or data is None:
-            raise UsageError("train needs --model and --data (or --resume RUN)")
+            raise InputError("train needs --model and --data (or --resume RUN)")
         cfg = TrainConfig(
-            model=model, data=data, data_root=None if data_root is None else str(data_root),
+            model=model, data=data, loss=loss, model_kwargs=_json_kwargs(model_kwargs),
+            data_root=None if data_root is None else str(data_root),
             download=download, samples=samples, optimizer=optimizer, base=base, lr=lr,
             momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, epochs=epochs,
             batch_size=batch_size, rho=rho, alpha=alpha, eig_every=eig_every,
@@ -277,7 +380,6 @@ def train(
             sharpness_samples=sharpness_samples, run_name=run_name,
             checkpoint_dir=str(checkpoint_dir),
             init_from=None if init_from is None else str(init_from))
-        cfg.validate()
     else:
         cfg = None
     show_bar = not quiet and not as_json and render.stderr.is_terminal
@@ -315,57 +417,58 @@ def train(
 def align(
     targets: list[Path] = typer.Argument(..., help="Checkpoints, or directories of "
                                          "checkpoints (a run's series, in step order)."),
-    perturbation: str = typer.Option("sam", "--perturbation", help="sam, asam or eigensam."),
-    rho: float = typer.Option(0.05, "--rho", help="Perturbation radius."),
-    alpha: float = typer.Option(0.2, "--alpha", help="Eigen-SAM's eigenvector weight."),
-    batches: int = typer.Option(20, "--batches", help="Minibatches to average over (B)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Samples per minibatch."),
-    top_k: int = typer.Option(1, "--top-k", help="Also the share of the perturbation in "
-                              "the top-K eigenspace (K > 1)."),
-    samples: int = typer.Option(512, "--samples", help="Training samples in the fixed "
-                                "measurement set of the Hessian."),
-    model: str | None = typer.Option(None, "--model", help="Architecture (default: the "
-                                     "checkpoint's)."),
-    data: str | None = typer.Option(None, "--data", help="Data (default: the checkpoint's)."),
-    data_root: Path | None = typer.Option(None, "--data-root", help="Data files' folder."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the minibatch draw and Lanczos."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    perturbation: str = typer.Option(ALIGN.rule, "--perturbation", help=_choices(RULES)
+                                     + ": eigensam is the perturbation the Eigen-SAM "
+                                     "optimizer applied (its own eigenvector, from the "
+                                     "checkpoint); eigensam-exact uses the exact top "
+                                     "eigenvector instead."),
+    alpha: float | None = typer.Option(ALIGN.alpha, "--alpha", help="Eigen-SAM's eigenvector "
+                                       "weight (default: the run's, else 0.2)."),
+    batches: int = typer.Option(ALIGN.batches, "--batches", help="Minibatches to average "
+                                "over (B)."),
+    batch_size: int = typer.Option(ALIGN.batch_size, "--batch-size", help="Samples per "
+                                   "minibatch."),
+    top_k: int = typer.Option(ALIGN.top_k, "--top-k", help="Also the share of the "
+                              "perturbation in the top-K eigenspace (K > 1)."),
+    samples: int = typer.Option(ALIGN.samples, "--samples", help="Training samples in the "
+                                "fixed measurement set of the Hessian."),
+    tol: float = typer.Option(ALIGN.tol, "--tol", help="Relative residual of the top "
+                              "eigenvector."),
+    model: str | None = MODEL_OPTION,
+    data: str | None = DATA_OPTION,
+    loss: str | None = LOSS_OPTION,
+    data_root: Path | None = DATA_ROOT_OPTION,
+    seed: int = typer.Option(ALIGN.seed, "--seed", help="Seed of the minibatch draw and "
+                             "Lanczos."),
+    device: str = typer.Option(ALIGN.device, "--device", help="auto, cpu, cuda, cuda:N or "
+                               "mps."),
     follow: bool = typer.Option(False, "--follow", help="Watch the directory while "
                                 "`hessdiag train` writes it; stop after its final checkpoint."),
     poll: float = typer.Option(1.0, "--poll", help="--follow: seconds between looks."),
     timeout: float | None = typer.Option(None, "--timeout", help="--follow: give up after "
                                          "this many seconds without a new checkpoint."),
-    store: Path = typer.Option(Path("hessdiag.h5"), "--store", help="HDF5 store."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per checkpoint."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    store: Path = STORE_OPTION,
+    as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Alignment |cos(e, v)| between SAM-type perturbations e and the top Hessian
     eigenvector v, with 95% confidence intervals, at each checkpoint."""
     import time
 
-    from hessdiag.align import RULES, AlignSettings, align_checkpoint
+    from hessdiag.align import align_checkpoint
     from hessdiag.checkpoints import checkpoint_files
-    from hessdiag.spectrum import DataSettings, resolve_device
+    from hessdiag.runtime import resolve_device
     from hessdiag.store import Store
 
-    if perturbation not in RULES:
-        raise UsageError(f"--perturbation must be one of {', '.join(RULES)}; got "
-                         f"{perturbation!r}")
-    for name, value, low in (("--batches", batches, 2), ("--batch-size", batch_size, 1),
-                             ("--top-k", top_k, 1), ("--samples", samples, 1)):
-        if value < low:
-            raise UsageError(f"{name} must be at least {low}; got {value}")
-    if not rho > 0:
-        raise UsageError(f"--rho must be positive; got {rho}")
+    settings = AlignSettings(rule=perturbation, alpha=alpha, batches=batches,
+                             batch_size=batch_size, top_k=top_k, samples=samples, tol=tol,
+                             seed=seed, device=device)
     if follow and (len(targets) != 1 or not targets[0].is_dir()):
-        raise UsageError("--follow watches one directory (a run's checkpoint folder)")
+        raise InputError("--follow watches one directory (a run's checkpoint folder)")
     resolve_device(device)
     target_store = Store(store)
     target_store.check_writable()
-    settings = AlignSettings(rule=perturbation, rho=rho, alpha=alpha, batches=batches,
-                             batch_size=batch_size, top_k=top_k, samples=samples, seed=seed,
-                             device=device)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root))
 
     def files() -> list[Path]:
@@ -379,7 +482,7 @@ def align(
                         render.stderr.print(f"note: skipping {s} (not a .pt checkpoint)")
                 out += found
             elif not t.exists():
-                raise UsageError(f"{t} does not exist")
+                raise InputError(f"{t} does not exist")
             else:
                 out.append(t)
         return out
@@ -388,16 +491,11 @@ def align(
         done = with_progress(not quiet and not as_json, path.name,
                              lambda progress: align_checkpoint(
                                  str(path), settings=settings, data=data_settings,
-                                 model_spec=model, store=target_store, progress=progress))
-        r = done.result
+                                 model_spec=model, loss=loss, store=target_store,
+                                 progress=progress))
         if as_json:
-            render.emit_json({"checkpoint": str(path), "step": done.checkpoint.step,
-                              "alignment": r.alignment, "alignment_signed": r.alignment_signed,
-                              "ci95": list(r.ci95), "batches": r.batches,
-                              "lambda_max": r.lambda_max, "analysis_id": done.analysis_id,
-                              **{k: v for k, v in r.to_dict().items()
-                                 if k not in ("alignment", "alignment_signed", "ci95",
-                                              "batches", "lambda_max")}})
+            render.emit_json({"checkpoint": str(path), "step": done.task.checkpoint.step,
+                              **done.result.to_dict(), "analysis_id": done.analysis_id})
         else:
             render.stdout.print(render.alignment_line(path, done))
         return done.final
@@ -406,7 +504,7 @@ def align(
     if not follow:
         paths = files()
         if not paths:
-            raise UsageError(f"no checkpoints (*.pt) in {', '.join(map(str, targets))}")
+            raise InputError(f"no checkpoints (*.pt) in {', '.join(map(str, targets))}")
         for path in paths:
             measure(path)
         return
@@ -434,27 +532,36 @@ def align(
 def show(
     store: Path = typer.Argument(Path("hessdiag.h5"), help="The store to read."),
     analysis_id: str | None = typer.Argument(None, help="Show one analysis in full."),
-    as_json: bool = typer.Option(False, "--json", help="The same as JSON."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    as_json: bool = JSON_OPTION,
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """The runs and analyses in a store, or one analysis in full."""
+    from hessdiag.records import (
+        eigenvalue_rows,
+        layer_rows,
+        read_result,
+        run_row,
+        summary,
+    )
     from hessdiag.store import Store
-    from hessdiag.store.tables import analysis_row, eigenvalue_rows, run_row
 
     source = Store(store)
     if not store.exists():
-        raise UsageError(f"store {store} does not exist (run `hessdiag spectrum` first, or "
+        raise InputError(f"store {store} does not exist (run `hessdiag spectrum` first, or "
                          "give the path of a store)")
     if analysis_id is not None:
         record = source.analysis(analysis_id)
-        row, eig = analysis_row(record), eigenvalue_rows(record)
+        row, eig, layers = summary(record), eigenvalue_rows(record), layer_rows(record)
         if as_json:
-            render.emit_json({**row, "eigenvalues": eig, "attrs": record.attrs})
+            render.emit_json({**row, "eigenvalues": eig, "layers": layers,
+                              "result": read_result(record).to_dict(), "attrs": record.attrs})
             return
-        render.stdout.print(render.analysis_detail(row, eig, record))
+        render.stdout.print(render.analysis_detail(row, eig))
+        if layers:
+            render.stdout.print(render.layers_table(layers))
         return
     records = source.analyses()
-    rows = [analysis_row(r) for r in records]
+    rows = [summary(r) for r in records]
     runs = [run_row(r) for r in source.runs()]
     if as_json:
         render.emit_json({"store": str(store), **source.info(), "runs": runs,
@@ -462,7 +569,14 @@ def show(
         return
     if runs:
         render.stdout.print(render.runs_table(runs, f"{store}: {len(runs)} runs"))
-    render.stdout.print(render.analyses_table(rows, f"{store}: {len(rows)} analyses"))
+    spectra = [r for r in rows if r["kind"] == "spectrum"]
+    alignments = [r for r in rows if r["kind"] == "alignment"]
+    if spectra or not alignments:
+        render.stdout.print(render.analyses_table(spectra, f"{store}: {len(spectra)} spectrum "
+                                                  "analyses"))
+    if alignments:
+        render.stdout.print(render.alignments_table(alignments, f"{store}: {len(alignments)} "
+                                                    "alignment analyses"))
     for record in records:
         if "slq/density" in record.arrays:
             render.stdout.print(render.density_sketch(record))
@@ -473,20 +587,20 @@ def show(
 def export(
     store: Path = typer.Argument(..., help="The store to export."),
     fmt: str = typer.Option("csv", "--format", help="csv or json."),
-    out: Path | None = typer.Option(None, "--out", help="csv: a directory for "
-                                    "analyses.csv, eigenvalues.csv and slq_nodes.csv "
-                                    "(default: analyses.csv on stdout); json: a file "
-                                    "(default: stdout)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    out: Path | None = typer.Option(None, "--out", help="csv: a directory with one file per "
+                                    "table (analyses.csv, eigenvalues.csv, layers.csv, "
+                                    "runs.csv, ...; default: analyses.csv on stdout); json: "
+                                    "a file (default: stdout)."),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Flat tables of everything in a store, for pandas and spreadsheets."""
+    from hessdiag.records import flat_tables
     from hessdiag.store import Store
-    from hessdiag.store.tables import flat_tables
 
     if fmt not in ("csv", "json"):
-        raise UsageError(f"--format must be csv or json; got {fmt!r}")
+        raise InputError(f"--format must be csv or json; got {fmt!r}")
     if not store.exists():
-        raise UsageError(f"store {store} does not exist")
+        raise InputError(f"store {store} does not exist")
     tables = flat_tables(Store(store))
     if fmt == "json":
         text = json.dumps(tables, default=render.json_default, indent=1) + "\n"
@@ -508,8 +622,8 @@ def export(
 @app.command()
 @handles_errors
 def models(
-    as_json: bool = typer.Option(False, "--json", help="As JSON."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    as_json: bool = JSON_OPTION,
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """The model registry: names usable as --model (plus package.module:factory and
     path/to/file.py:factory)."""
@@ -527,8 +641,8 @@ def models(
 @app.command()
 @handles_errors
 def datasets(
-    as_json: bool = typer.Option(False, "--json", help="As JSON."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    as_json: bool = JSON_OPTION,
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """The data registry: names usable as --data (plus imagefolder:PATH and factory specs)."""
     from dataclasses import asdict

@@ -9,7 +9,10 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+__all__ = ["escape"]
 
 
 def _console(**kwargs: Any) -> Console:
@@ -119,14 +122,14 @@ def analyses_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-def analysis_detail(row: dict[str, Any], eig: list[dict[str, Any]], record) -> Table:
+def analysis_detail(row: dict[str, Any], eig: list[dict[str, Any]]) -> Table:
     table = Table(title=f"analysis {row['analysis_id']}", title_justify="left",
                   show_header=False)
     table.add_column("field")
     table.add_column("value")
     for key, value in row.items():
-        if key != "analysis_id":
-            table.add_row(key, "-" if value is None else str(value))
+        if key != "analysis_id" and value is not None:
+            table.add_row(key, escape(str(value)))
     for e in eig:
         table.add_row(f"eigenvalue {e['index']}",
                       f"{e['eigenvalue']:.6g}  (residual {e['residual']:.2g}, "
@@ -190,7 +193,8 @@ def runs_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def alignment_line(path, done) -> str:
     r = done.result
-    step = "" if done.checkpoint.step is None else f" step {done.checkpoint.step}"
+    ck = done.task.checkpoint
+    step = "" if ck.step is None else f" step {ck.step}"
     share = "" if r.topk_share is None else (
         f", top-{r.top_k} share {r.topk_share:.3f} [{r.topk_share_ci95[0]:.3f}, "
         f"{r.topk_share_ci95[1]:.3f}]")
@@ -199,3 +203,45 @@ def alignment_line(path, done) -> str:
             f"[{r.ci95[0]:.4f}, {r.ci95[1]:.4f}] (95% CI, {r.batches} batches), signed "
             f"{r.alignment_signed:+.4f}, λ_max {r.lambda_max:.5g}{conv}{share}; "
             f"analysis {done.analysis_id}")
+
+
+def layers_table(rows: list[dict[str, Any]], result=None) -> Table:
+    """Per-layer sharpness: each parameterised module's diagonal Hessian block, then the
+    whole network when ``result`` is given."""
+    table = Table(title="per-layer sharpness (diagonal Hessian blocks)", title_justify="left")
+    for name, justify in [("layer", "left"), ("parameters", "right"), ("λ_max", "right"),
+                          ("residual", "right"), ("conv.", "center"),
+                          ("trace ± s.e.", "right")]:
+        table.add_column(name, justify=justify)
+    for r in rows:
+        trace = "-" if r["trace"] is None else f"{fmt(r['trace'])} ± {fmt(r['trace_stderr'], 2)}"
+        table.add_row(escape(r["layer"]), str(int(r["dim"])), fmt(r["lambda_max"], 5),
+                      fmt(r["lambda_max_residual"], 2),
+                      "yes" if r["lambda_max_converged"] else "[red]no[/red]", trace)
+    if result is not None:
+        trace = ("-" if result.trace is None
+                 else f"{fmt(result.trace.estimate)} ± {fmt(result.trace.stderr, 2)}")
+        table.add_row("[bold]whole network[/bold]", str(result.operator.get("dim")),
+                      fmt(result.lambda_max, 5), fmt(float(result.top.residuals[0]), 2),
+                      "yes" if result.top.converged[0] else "[red]no[/red]", trace)
+    return table
+
+
+def alignments_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name, justify in [("analysis", "left"), ("checkpoint", "left"), ("step", "right"),
+                          ("perturbation", "left"), ("|cos| [95% CI]", "right"),
+                          ("signed [95% CI]", "right"), ("B", "right"), ("λ_max", "right"),
+                          ("s", "right")]:
+        table.add_column(name, justify=justify)
+    for r in rows:
+        ckpt = (r["checkpoint_path"] or "").rsplit("/", 1)[-1]
+        table.add_row(r["analysis_id"], ckpt, "-" if r["step"] is None else str(r["step"]),
+                      str(r["perturbation"]),
+                      f"{fmt(r['alignment'])} [{fmt(r['alignment_ci95_low'])}, "
+                      f"{fmt(r['alignment_ci95_high'])}]",
+                      f"{fmt(r['alignment_signed'])} [{fmt(r['alignment_signed_ci95_low'])}, "
+                      f"{fmt(r['alignment_signed_ci95_high'])}]",
+                      str(r["alignment_batches"]), fmt(r["lambda_max"], 5),
+                      fmt(r["seconds"], 3))
+    return table

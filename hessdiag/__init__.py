@@ -7,6 +7,7 @@ The names below are imported on first use, so that ``hessdiag.store`` or
 ``hessdiag --version`` do not pay for importing torch.
 """
 
+from hessdiag._errors import InputError
 from hessdiag._version import __version__
 
 _CURVATURE = (
@@ -22,7 +23,7 @@ _CURVATURE = (
     "slq",
 )
 
-__all__ = ["__version__", *_CURVATURE]
+__all__ = ["InputError", "__version__", *_CURVATURE]
 
 
 def __getattr__(name: str):

@@ -1,9 +1,12 @@
 """The train workflow: SGD, SAM and Eigen-SAM training and fine-tuning into the store.
 
-One run is a :class:`TrainConfig`. The loop is deterministic given the seed: the data order
-of epoch ``e`` is ``randperm`` from a generator seeded with ``(seed, e)``, augmentation
-draws from its own generator, and every random state is saved in each checkpoint, so a run
-resumed from its last checkpoint (``resume``) continues exactly as if never interrupted.
+Any task trains: a model for the data (built from the data's facts), with the data's
+default loss or ``loss`` (:mod:`hessdiag.task`); accuracy is logged where the loss is a
+classification loss (``nan`` otherwise). One run is a :class:`TrainConfig`. The loop is
+deterministic given the seed: the data order of epoch ``e`` is ``randperm`` from a
+generator seeded with ``(seed, e)``, augmentation draws from its own generator, and every
+random state is saved in each checkpoint, so a run resumed from its last checkpoint
+(``resume``) continues exactly as if never interrupted.
 
 What a run writes:
 
@@ -11,10 +14,14 @@ What a run writes:
   ``checkpoint_every`` steps and at the end (model, optimizer state, step, epoch, random
   states, config);
 - in the store's ``/runs/<run>``: the config, per-step metrics (loss, accuracy, lr; test
-  loss and accuracy at epoch ends), every ``sharpness_every`` steps ``lambda_max`` of the
-  training loss on a fixed measurement set (Lanczos, with its residual) and the
-  alignment ``|<e, v>| / ||e||`` of the step's perturbation ``e`` (SGD: the gradient)
-  with the top eigenvector ``v``, and the checkpoints written (step, path, sha256).
+  loss and accuracy at epoch ends), every ``sharpness_every`` steps (from step 0, and at
+  the last step) ``lambda_max`` of the training loss on a fixed measurement set (the first
+  ``sharpness_samples`` training samples; Lanczos in eval mode, with its residual) and
+  the alignment ``|<e, v>| / ||e||`` of the step's perturbation ``e`` (SGD: the gradient)
+  with the top eigenvector ``v``. Both are measured at the same weights: those of the
+  step, after its gradient and before its update (the last step's row, at the final
+  weights, has no perturbation and ``nan`` alignment). And the checkpoints written (step,
+  path, sha256).
 
 Records are flushed at every checkpoint and every epoch end; a run killed at any moment
 keeps all of them (see :mod:`hessdiag.store`).
@@ -25,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,82 +40,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessdiag.align import top_alignment
-from hessdiag.checkpoints import load_checkpoint, save_checkpoint
-from hessdiag.data import load_dataset, stack_samples
-from hessdiag.models import build_model
-from hessdiag.optim import SAM, EigenSAM, make_base_optimizer
+from hessdiag._errors import InputError
+from hessdiag.checkpoints import save_checkpoint
+from hessdiag.data import batch_of, fixed_batches, load_dataset, to_device
+from hessdiag.losses import Loss, cross_entropy
+from hessdiag.measures import alignment_row, top_eigenpair
+from hessdiag.optim import SAM, EigenSAM
+from hessdiag.optim.build import build_optimizer
 from hessdiag.optim.sam import disable_running_stats, enable_running_stats
-from hessdiag.spectrum import measurement_batches, resolve_device, versions
+from hessdiag.runtime import resolve_device, versions
+from hessdiag.settings import TrainConfig
 from hessdiag.store import Store, new_id, now
+from hessdiag.task import Task, call_model, load_task, new_task
 
-OPTIMIZERS = ("sgd", "sam", "eigensam")
-BASES = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a run (stored with it, and enough to resume it)."""
-
-    model: str
-    data: str
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    data_root: str | None = None
-    download: bool = False
-    samples: int | None = None
-    optimizer: str = "sgd"
-    base: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    epochs: int = 10
-    batch_size: int = 128
-    rho: float = 0.05
-    alpha: float = 0.2
-    eig_every: int = 100
-    eig_iters: int = 5
-    adaptive: bool = False
-    renormalize: bool = False
-    schedule: str = "cosine"
-    label_smoothing: float = 0.0
-    augment: bool = False
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int | None = None
-    sharpness_every: int | None = None
-    sharpness_samples: int = 512
-    run_name: str | None = None
-    checkpoint_dir: str = "checkpoints"
-    init_from: str | None = None
-
-    def validate(self) -> None:
-        checks = [
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.base in BASES, f"--base must be one of {', '.join(BASES)}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.rho >= 0, "--rho must be non-negative"),
-            (self.alpha >= 0, "--alpha must be non-negative"),
-            (self.eig_every >= 1, "--eig-every must be at least 1"),
-            (self.eig_iters >= 1, "--eig-iters must be at least 1"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (self.checkpoint_every is None or self.checkpoint_every >= 1,
-             "--checkpoint-every must be at least 1"),
-            (self.sharpness_every is None or self.sharpness_every >= 1,
-             "--sharpness-every must be at least 1"),
-            (self.sharpness_samples >= 1, "--sharpness-samples must be at least 1"),
-            (self.samples is None or self.samples >= 1, "--samples must be positive"),
-            (not (self.adaptive and self.optimizer == "eigensam"),
-             "--adaptive (ASAM) goes with --optimizer sam: Eigen-SAM is defined for SAM's "
-             "Euclidean perturbation"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
 
 
 @dataclass(frozen=True)
@@ -167,36 +112,57 @@ def _flat(tensors) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def evaluate(model: nn.Module, batches, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over batches, in eval mode."""
+def evaluate(model: nn.Module, batches: Any, loss: Loss,
+             device: torch.device) -> tuple[float, float]:
+    """The loss's mean over all terms of ``batches`` (each batch weighted by its count) and
+    the accuracy where it applies (``nan`` otherwise), in eval mode."""
     model.eval()
-    total, loss_sum, correct = 0, 0.0, 0
+    total, loss_sum, correct, counted = 0, 0.0, 0, 0
     with torch.no_grad():
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-    return loss_sum / max(total, 1), correct / max(total, 1)
+            x, y = to_device(x, device), to_device(y, device)
+            out = call_model(model, x)
+            n = loss.count(y)
+            loss_sum += float(loss(out, y)) * n
+            total += n
+            acc = loss.accuracy_counts(out, y)
+            if acc is not None:
+                correct, counted = correct + acc[0], counted + acc[1]
+    accuracy = correct / counted if counted else math.nan
+    return loss_sum / max(total, 1), accuracy
 
 
 class _Sharpness:
     """lambda_max of the training loss on a fixed measurement set, warm-started from the
-    previous top eigenvector, and the alignment of a perturbation with it."""
+    previous top eigenvector."""
 
-    def __init__(self, model: nn.Module, batches, device: torch.device, seed: int) -> None:
-        self.model, self.batches, self.device, self.seed = model, batches, device, seed
+    def __init__(self, model: nn.Module, loss: Loss, batches, device: torch.device,
+                 seed: int) -> None:
+        self.model, self.loss, self.batches = model, loss, batches
+        self.device, self.seed = device, seed
         self.vector: Tensor | None = None
 
-    def measure(self, perturbation: Tensor | None) -> dict[str, float]:
-        row, self.vector = top_alignment(self.model, nn.CrossEntropyLoss(), self.batches,
-                                         perturbation, v0=self.vector, seed=self.seed,
-                                         device=self.device)
+    def measure(self) -> dict[str, float]:
+        row, self.vector = top_eigenpair(self.model, self.loss, self.batches, v0=self.vector,
+                                         seed=self.seed, device=self.device)
         return row
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def _task(cfg: TrainConfig, resume: bool) -> Task:
+    """The run's task: a new model for its data, or (fine-tuning) the weights of
+    ``init_from`` measured on the run's data."""
+    from hessdiag.task import DataSettings
+
+    if cfg.init_from is not None and not resume:
+        return load_task(cfg.init_from, data=DataSettings(
+            spec=cfg.data, root=cfg.data_root, download=cfg.download, samples=cfg.samples),
+            model_spec=cfg.model, model_kwargs=cfg.model_kwargs, loss=cfg.loss)
+    data = load_dataset(cfg.data, split="train", root=cfg.data_root, download=cfg.download,
+                        samples=cfg.samples)
+    return new_task(cfg.model, data, loss=cfg.loss, model_kwargs=cfg.model_kwargs)
 
 
 def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
@@ -209,87 +175,78 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         cfg = TrainConfig(**record.attrs["config"])
         run_id = resume
     elif cfg is None:
-        raise ValueError("train needs a config, or resume=RUN_ID")
+        raise InputError("train needs a config, or resume=RUN_ID", param="resume")
     else:
-        cfg.validate()
         store.check_writable()
         run_id = cfg.run_name or new_id("run")
-    cfg.validate()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    train_info = load_dataset(cfg.data, split="train", root=cfg.data_root,
-                              download=cfg.download, samples=cfg.samples)
-    test_info = load_dataset(cfg.data, split="test", root=cfg.data_root,
-                             download=cfg.download)
-    kwargs = {"num_classes": train_info.num_classes, "in_shape": list(train_info.in_shape),
-              **cfg.model_kwargs}
-    if cfg.init_from is not None and resume is None:
-        loaded = load_checkpoint(cfg.init_from, model_spec=cfg.model, model_kwargs=kwargs)
-        model = loaded.model
-    else:
-        model = build_model(cfg.model, **kwargs)
+    task = _task(cfg, resume is not None)
+    train_info, loss_eval = task.data, task.loss
+    if cfg.label_smoothing and loss_eval.spec != "cross-entropy":
+        raise InputError(f"label_smoothing applies to cross-entropy; this run's loss is "
+                         f"{loss_eval.spec}", param="label_smoothing")
+    loss_fn = cross_entropy(cfg.label_smoothing) if cfg.label_smoothing else loss_eval
+    first_inputs = task.first_batch()[0]
+    is_image = isinstance(first_inputs, Tensor) and first_inputs.dim() == 4
+    if cfg.augment and not is_image:
+        raise InputError(f"augment crops and flips images; the inputs of {cfg.data} are not "
+                         "image batches (N, C, H, W)", param="augment")
+    test_info = load_dataset(cfg.data, split="test", root=cfg.data_root, download=cfg.download)
+    model = task.model
+    kwargs = task.model_kwargs
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    base_kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.base == "sgd":
-        base_kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
-    base_cls = make_base_optimizer(cfg.base)
-    if cfg.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = base_cls(params, **base_kwargs)
-    elif cfg.optimizer == "sam":
-        optimizer = SAM(params, base_cls, rho=cfg.rho, adaptive=cfg.adaptive, **base_kwargs)
-    else:
-        optimizer = EigenSAM(params, base_cls, rho=cfg.rho, alpha=cfg.alpha,
-                             eig_every=cfg.eig_every, eig_iters=cfg.eig_iters,
-                             renormalize=cfg.renormalize, adaptive=cfg.adaptive,
-                             eig_seed=cfg.seed, **base_kwargs,
-                             # a fixed mode: "auto" chooses by timing, and the modes differ
-                             # in the last bits, which a resumed run must not
-                             hvp_mode="double-backward")
+    optimizer = build_optimizer(params, cfg)
 
-    n_train = len(train_info.dataset)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    ready = train_info.batches
+    n_train = len(ready) if ready is not None else len(train_info.dataset)
+    steps_per_epoch = n_train if ready is not None else math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     lr_factor = _schedule(cfg, total_steps)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 17)
     flip = cfg.augment and cfg.data in ("cifar10", "cifar100")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    test_batches = measurement_batches(test_info.dataset, 512)
+    test_batches = fixed_batches(test_info, 512)
     measure_set = load_dataset(cfg.data, split="train", root=cfg.data_root,
-                               samples=cfg.sharpness_samples).dataset
-    sharpness = _Sharpness(model, measurement_batches(measure_set, 256), device, cfg.seed)
+                               samples=cfg.sharpness_samples)
+    sharpness = _Sharpness(model, loss_eval, fixed_batches(measure_set, 256), device, cfg.seed)
     run_dir = Path(cfg.checkpoint_dir) / run_id
     step = 0
     data_record = {"spec": cfg.data, "root": cfg.data_root, "split": "train"}
+    task_record = task.record()
 
     if resume is not None:
         record = store.run(resume)
         ckpts = record.arrays.get("checkpoints/path")
         if ckpts is None or len(ckpts) == 0:
-            raise ValueError(f"run {resume} has no checkpoint to resume from; start it again")
+            raise InputError(f"run {resume} has no checkpoint to resume from; start it again",
+                             param="resume")
         last = ckpts[-1].decode() if isinstance(ckpts[-1], bytes) else str(ckpts[-1])
-        loaded = load_checkpoint(last)
+        loaded = load_task(last, check=False)
         model.load_state_dict(loaded.model.state_dict())
         optimizer.load_state_dict(loaded.optimizer_state)
         extra = loaded.extra
-        step = int(loaded.info.step)
+        step = int(loaded.checkpoint.step)
         aug_gen.set_state(extra["aug_rng"])
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("sharpness_vector") is not None:
             sharpness.vector = extra["sharpness_vector"].to(device)
-        for table in ("metrics", "sharpness", "checkpoints"):
+        # rows logged after the checkpoint are logged again; sharpness at step s is measured
+        # before update s + 1, after the checkpoint of step s
+        for table, keep in (("metrics", np.less_equal), ("sharpness", np.less),
+                            ("checkpoints", np.less_equal)):
             steps_logged = record.arrays.get(f"{table}/step")
             if steps_logged is not None:
-                store.truncate_run(run_id, table, int(np.sum(steps_logged <= step)))
+                store.truncate_run(run_id, table, int(np.sum(keep(steps_logged, step))))
         store.append_run(run_id, {}, attrs={"status": "running", "resumed_at": now()})
     else:
         store.create_run(run_id, {
             "config": asdict(cfg), "model": cfg.model, "model_kwargs": kwargs,
-            "data": data_record, "optimizer": cfg.optimizer, "seed": cfg.seed,
-            "versions": versions(), "started": now(), "status": "running",
-            "checkpoint_dir": str(run_dir.resolve()), "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps,
+            "data": data_record, "loss": loss_eval.spec, "task": task_record,
+            "optimizer": cfg.optimizer, "seed": cfg.seed, "versions": versions(),
+            "started": now(), "status": "running", "checkpoint_dir": str(run_dir.resolve()),
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         })
 
     pending: dict[str, dict[str, list]] = {"metrics": {}, "sharpness": {}}
@@ -312,7 +269,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         sha = save_checkpoint(
             path, model, model_spec=cfg.model, model_kwargs=kwargs,
             optimizer_state=optimizer.state_dict(), step=step, epoch=step // steps_per_epoch,
-            run_id=run_id, data={"spec": cfg.data, "root": cfg.data_root, "split": "train"},
+            run_id=run_id, data=data_record, loss=loss_eval.spec,
             extra={"aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
                    "sharpness_vector": (None if sharpness.vector is None
                                         else sharpness.vector.cpu()),
@@ -322,18 +279,25 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
                                "sha256": [sha], "final": [final]}})
         return str(path)
 
+    def measuring(at: int) -> bool:
+        return bool(cfg.sharpness_every) and (at % cfg.sharpness_every == 0 or at == total_steps)
+
     last_loss, last_acc, last_eval = math.nan, math.nan, (None, None)
     last_sharp: dict[str, float] = {}
+    last_alignment: float | None = None
     final_path = None
     status, message = "finished", ""
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         order = _epoch_order(n_train, cfg.seed, epoch)
-        lo = position * cfg.batch_size
-        x, y = stack_samples(train_info.dataset, order[lo:lo + cfg.batch_size])
+        if ready is not None:
+            x, y = ready[int(order[position])]
+        else:
+            lo = position * cfg.batch_size
+            x, y = batch_of(train_info, order[lo:lo + cfg.batch_size])
         if cfg.augment:
             x = _augment(x, aug_gen, flip)
-        x, y = x.to(device), y.to(device)
+        x, y = to_device(x, device), to_device(y, device)
         factor = lr_factor(step)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor
@@ -342,35 +306,43 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             optimizer.maybe_update_eigenvector(model, loss_fn, x, y)
             model.train()
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
+        out = call_model(model, x)
         loss = loss_fn(out, y)
         if not torch.isfinite(loss):
             status = "diverged"
             message = f"the training loss is {float(loss.detach())} at step {step}: stopped"
             break
         loss.backward()
+        # sharpness at the weights of this step, paired with this step's perturbation
+        measured = sharpness.measure() if measuring(step) else None
         if isinstance(optimizer, SAM):
             optimizer.first_step(zero_grad=True)
+            perturbation = optimizer.perturbation_vector()
             disable_running_stats(model)
-            loss_fn(model(x), y).backward()
+            loss_fn(call_model(model, x), y).backward()
             enable_running_stats(model)
             optimizer.second_step(zero_grad=False)
-            perturbation = optimizer.perturbation_vector()
         else:
-            perturbation = _flat([p.grad for p in params]).detach() \
-                if cfg.sharpness_every and (step + 1) % cfg.sharpness_every == 0 else None
+            perturbation = _flat([p.grad for p in params]).detach() if measured else None
             optimizer.step()
+        if measured is not None:
+            last_sharp = {**measured, **alignment_row(perturbation, sharpness.vector)}
+            log("sharpness", {"step": step, **last_sharp})
+            if math.isfinite(last_sharp["alignment"]):
+                last_alignment = last_sharp["alignment"]
         last_loss = float(loss.detach())
-        last_acc = float((out.argmax(1) == y).float().mean())
+        acc = loss_eval.accuracy_counts(out.detach(), y)
+        last_acc = acc[0] / acc[1] if acc is not None and acc[1] else math.nan
         step += 1
         row = {"step": step, "epoch": epoch, "loss": last_loss, "acc": last_acc,
                "lr": cfg.lr * factor, "test_loss": math.nan, "test_acc": math.nan}
         if step % steps_per_epoch == 0 or step == total_steps:
-            last_eval = evaluate(model, test_batches, device)
+            last_eval = evaluate(model, test_batches, loss_eval, device)
             row["test_loss"], row["test_acc"] = last_eval
         log("metrics", row)
-        if cfg.sharpness_every and step % cfg.sharpness_every == 0:
-            last_sharp = sharpness.measure(perturbation)
+        if step == total_steps and measuring(step):
+            # the final weights: no perturbation follows them
+            last_sharp = {**sharpness.measure(), **alignment_row(None, sharpness.vector)}
             log("sharpness", {"step": step, **last_sharp})
         if progress is not None:
             progress({"step": step, "total": total_steps, "epoch": epoch, "loss": last_loss,
@@ -388,6 +360,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         run_id=run_id, status=status, steps=step, epochs=step // steps_per_epoch,
         final_checkpoint=final_path, train_loss=last_loss, train_accuracy=last_acc,
         test_loss=last_eval[0], test_accuracy=last_eval[1],
-        lambda_max=last_sharp.get("lambda_max"), alignment=last_sharp.get("alignment"),
+        lambda_max=last_sharp.get("lambda_max"),
+        alignment=last_alignment,
         seconds=seconds, message=message,
     )

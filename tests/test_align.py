@@ -41,7 +41,7 @@ class QuadraticLoss:
         return 0.5 * out @ self.A.to(out) @ out - self.b.to(out) @ out
 
 
-@pytest.mark.parametrize("rule", ["sam", "asam", "eigensam"])
+@pytest.mark.parametrize("rule", ["sam", "asam", "eigensam", "eigensam-exact"])
 def test_alignment_equals_the_closed_form_on_a_quadratic(rule):
     g_ = torch.Generator().manual_seed(0)
     n = 12
@@ -53,19 +53,24 @@ def test_alignment_equals_the_closed_form_on_a_quadratic(rule):
     w = torch.randn(n, generator=g_, dtype=F64)
     model = Quadratic(w).double()
     dummy = [(torch.zeros(1), torch.zeros(1))] * 3
-    rho, alpha = 0.05, 0.2
-    result = measure_alignment(model, QuadraticLoss(A, b), dummy[0], dummy, rule=rule,
-                               rho=rho, alpha=alpha, tol=1e-10, top_k=2)
+    alpha = 0.2
     v = Q[:, 0]
+    # the optimizer's estimate: near v, not v (what Eigen-SAM holds after a few power steps)
+    u = v + 0.4 * torch.randn(n, generator=g_, dtype=F64)
+    u = u / u.norm()
+    result = measure_alignment(model, QuadraticLoss(A, b), dummy[0], dummy, rule=rule,
+                               alpha=alpha, tol=1e-10, top_k=2,
+                               eigenvector=u if rule == "eigensam" else None)
     g = A @ w - b
     if rule == "sam":
         e = g
     elif rule == "asam":
         e = w.abs() ** 2 * g
     else:
-        gh = g / g.norm()
-        v_s = v * torch.sign(g @ v)  # the measured v's sign is arbitrary; e's is not
-        e = gh + alpha * (v_s - (gh @ v_s) * gh)
+        d = u if rule == "eigensam" else v * torch.sign(g @ v)  # the measured v's sign is
+        gh = g / g.norm()                                        # arbitrary; e's is not
+        d = d * torch.sign(g @ d)
+        e = gh + alpha * (d - (gh @ d) * gh)
     cos = float(e @ v / e.norm())
     assert result.alignment == pytest.approx(abs(cos), abs=1e-6)
     assert abs(result.alignment_signed) == pytest.approx(abs(cos), abs=1e-6)
@@ -73,6 +78,14 @@ def test_alignment_equals_the_closed_form_on_a_quadratic(rule):
     share = float(((Q[:, :2].T @ e) ** 2).sum() / (e @ e))
     assert result.topk_share == pytest.approx(share, abs=1e-6)
     assert result.batches == 3 and result.ci95[0] <= result.alignment <= result.ci95[1]
+
+
+def test_eigensam_rule_needs_the_optimizers_eigenvector():
+    model = Quadratic(torch.ones(3, dtype=F64)).double()
+    loss = QuadraticLoss(torch.eye(3, dtype=F64), torch.zeros(3, dtype=F64))
+    dummy = [(torch.zeros(1), torch.zeros(1))] * 2
+    with pytest.raises(ValueError, match="eigensam-exact"):
+        measure_alignment(model, loss, dummy[0], dummy, rule="eigensam")
 
 
 def _sam_run(probe_every=None, store=None):
@@ -165,6 +178,10 @@ def test_align_bad_input(run_dir, tmp_path):
     code, _, err = run_cli(["align", run_dir, "--perturbation", "magic",
                             "--store", tmp_path / "x.h5"])
     assert code == 2 and "--perturbation" in err
+    # a SAM run's checkpoint holds no Eigen-SAM eigenvector: nothing to measure
+    code, _, err = run_cli(["align", run_dir / "step-000004.pt", "--perturbation", "eigensam",
+                            "--store", tmp_path / "x.h5"])
+    assert code == 2 and "eigensam-exact" in err and not (tmp_path / "x.h5").exists()
 
 
 def test_follow_measures_each_checkpoint_of_a_live_run_exactly_once(tmp_path):
@@ -192,3 +209,35 @@ def test_follow_measures_each_checkpoint_of_a_live_run_exactly_once(tmp_path):
     assert len(s.analyses()) == 4
     run = s.run("live")
     assert run.attrs["status"] == "finished" and len(run.arrays["metrics/step"]) == 24
+
+
+def test_eigensam_measures_the_perturbation_the_optimizer_applied(tmp_path):
+    """`--perturbation eigensam` on an Eigen-SAM checkpoint uses the eigenvector estimate in
+    its optimizer state (what the optimizer applied), not the exact top eigenvector."""
+    from hessdiag.checkpoints import load_checkpoint
+    from hessdiag.data import load_dataset, random_minibatches
+    from hessdiag.settings import DataSettings
+    from hessdiag.task import load_task
+
+    cfg = TrainConfig(model="mlp", data="digits", model_kwargs={"hidden": 8}, samples=128,
+                      batch_size=32, epochs=1, optimizer="eigensam", eig_every=1, eig_iters=1,
+                      alpha=0.5, checkpoint_every=4, run_name="e",
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    train(cfg, store=Store(tmp_path / "train.h5"))
+    path = tmp_path / "ckpt" / "e" / "step-000004.pt"
+    results = {}
+    for rule in ("eigensam", "eigensam-exact"):
+        code, out, err = run_cli(["align", path, "--perturbation", rule, "--batches", 3,
+                                  "--batch-size", 16, "--samples", 64, "--json",
+                                  "--store", tmp_path / "a.h5"])
+        assert code == 0, err
+        results[rule] = json.loads(out)
+    assert results["eigensam"]["alpha"] == 0.5  # the run's alpha
+    u = load_checkpoint(path).optimizer_state["sam"]["eigenvector"]
+    task = load_task(str(path), data=DataSettings(samples=64))
+    again = measure_alignment(task.model, task.loss, task.batches(256),
+                              random_minibatches(load_dataset("digits"), 3, 16, seed=0),
+                              rule="eigensam", alpha=0.5, eigenvector=u, device="cpu")
+    assert results["eigensam"]["alignment"] == pytest.approx(again.alignment, abs=1e-6)
+    assert results["eigensam"]["alignment"] != pytest.approx(
+        results["eigensam-exact"]["alignment"], abs=1e-3)

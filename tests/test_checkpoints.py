@@ -78,8 +78,9 @@ def test_missing_corrupted_and_hostile_files(tmp_path, mlp):
     marker = tmp_path / "pwned"
     hostile = tmp_path / "hostile.pt"
     torch.save({"state_dict": mlp.state_dict(), "payload": _Hostile(str(marker))}, hostile)
-    with pytest.raises(CheckpointError, match="--unsafe-load"):
+    with pytest.raises(CheckpointError, match="pass unsafe=True") as caught:
         load_checkpoint(hostile, model_spec="mlp", model_kwargs=KW)
+    assert caught.value.param == "unsafe"  # the command line names its --unsafe-load
     assert not marker.exists()
     # the file really is hostile: unpickling it without the safe loader runs its code
     torch.load(hostile, weights_only=False)
@@ -89,7 +90,7 @@ def test_missing_corrupted_and_hostile_files(tmp_path, mlp):
 def test_whole_pickled_module_needs_unsafe(tmp_path, mlp):
     path = tmp_path / "module.pt"
     torch.save(mlp, path)
-    with pytest.raises(CheckpointError, match="--unsafe-load"):
+    with pytest.raises(CheckpointError, match="pass unsafe=True"):
         load_checkpoint(path)
     loaded = load_checkpoint(path, unsafe=True)
     assert loaded.info.format == "pickled-module" and _same_weights(loaded.model, mlp)

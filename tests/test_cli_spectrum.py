@@ -84,7 +84,7 @@ def test_several_checkpoints_density_plot_show_and_export(small_checkpoint, tmp_
     assert lines[0]["eigenvalues"] == lines[1]["eigenvalues"]  # same seed, same numbers
     assert (tmp_path / "d-1.png").exists() and (tmp_path / "d-2.png").exists()
     code, out, err = run(["show", store])
-    assert code == 0 and "2 analyses" in out and "density" in out
+    assert code == 0 and "2 spectrum analyses" in out and "density" in out
     code, out, err = run(["export", store, "--format", "csv"])
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["analysis_id"] for r in rows] == [line["analysis_id"] for line in lines]

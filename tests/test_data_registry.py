@@ -174,7 +174,7 @@ def test_cifar_files_that_fail_the_md5_check_are_reported(tmp_path):
     folder.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         write_py2_pickle(folder / name, cifar_batch(1, b"labels", 10))  # the real md5s differ
-    with pytest.raises(ValueError, match="not found or corrupted.*--download"):
+    with pytest.raises(ValueError, match="not found or corrupted.*download=True"):
         load_dataset("cifar10", root=tmp_path)
 
 
@@ -255,7 +255,7 @@ def test_svhn_reads_mat_files_and_maps_label_10_to_0(tmp_path, monkeypatch):
         pixels = X[:, :, :, i].transpose(2, 0, 1)
         assert torch.allclose(info.dataset[i][0], normalised(pixels, mean, std), rtol=0,
                               atol=1e-6)
-    with pytest.raises(ValueError, match="test_32x32.mat.*--download"):
+    with pytest.raises(ValueError, match="test_32x32.mat.*download=True"):
         load_dataset("svhn", split="test", root=tmp_path)
 
 
@@ -322,16 +322,16 @@ def test_digits_through_the_registry():
 def test_list_datasets():
     rows = {row.name: row for row in list_datasets()}
     assert list(rows) == ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn",
-                          "imagefolder:PATH"]
+                          "ecg", "molecules", "text", "tabular", "imagefolder:PATH"]
     assert not rows["digits"].needs_root and rows["cifar10"].needs_root
     assert rows["cifar100"].classes == 100 and rows["imagefolder:PATH"].classes is None
 
 
 def test_errors_for_roots_names_splits_and_sample_counts(tmp_path):
-    with pytest.raises(ValueError, match=r"cifar10 needs --data-root \(a folder holding "
-                       r"cifar-10-batches-py\), or --download"):
+    with pytest.raises(ValueError, match=r"cifar10 needs root \(a folder holding "
+                       r"cifar-10-batches-py\), or download=True"):
         load_dataset("cifar10")
-    with pytest.raises(ValueError, match="mnist needs --data-root"):
+    with pytest.raises(ValueError, match="mnist needs root"):
         load_dataset("mnist", split="test")
     for name, expected in [("cifar10", "data_batch_1"), ("cifar100", "cifar-100-python"),
                            ("mnist", "train-images-idx3-ubyte"),
@@ -339,7 +339,7 @@ def test_errors_for_roots_names_splits_and_sample_counts(tmp_path):
         with pytest.raises(ValueError) as caught:
             load_dataset(name, root=tmp_path)
         message = str(caught.value)
-        assert str(tmp_path) in message and "--download" in message and expected in message
+        assert str(tmp_path) in message and "download=True" in message and expected in message
         assert "\n" not in message
     assert list(tmp_path.iterdir()) == []  # nothing was fetched or created
     with pytest.raises(ValueError, match=r"unknown data set 'imagenet'; known: digits, mnist, "
@@ -347,9 +347,9 @@ def test_errors_for_roots_names_splits_and_sample_counts(tmp_path):
         load_dataset("imagenet")
     with pytest.raises(ValueError, match="split must be 'train' or 'test'; got 'val'"):
         load_dataset("digits", split="val")
-    with pytest.raises(ValueError, match="--samples must be positive; got 0"):
+    with pytest.raises(ValueError, match="samples must be positive; got 0"):
         load_dataset("digits", samples=0)
-    with pytest.raises(ValueError, match="--samples must be positive; got -3"):
+    with pytest.raises(ValueError, match="samples must be positive; got -3"):
         load_dataset("digits", samples=-3)
 
 
@@ -386,6 +386,37 @@ DATA_FACTORIES = textwrap.dedent("""
 
     def float_labels():
         return TensorDataset(torch.zeros(3, 1, 2, 2), torch.tensor([0.0, 1.0, 0.5]))
+
+    class Mixed(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(4), (1 if i != 2 else 0.5)
+
+    def mixed():
+        return Mixed()
+
+    class Ragged(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(i + 2, 3), i % 2
+
+    def ragged():
+        return Ragged()
+
+    def pad(samples):
+        longest = max(x.shape[0] for x, _ in samples)
+        x = torch.stack([torch.cat([s, torch.zeros(longest - len(s), 3)]) for s, _ in samples])
+        return x, torch.tensor([y for _, y in samples])
+
+    def ragged_with_collate():
+        return Ragged(), pad
+
+    def batches(split):
+        return [(torch.zeros(4, 6), torch.zeros(4, 1)), (torch.ones(3, 6), torch.ones(3, 1))]
 """)
 
 
@@ -411,15 +442,36 @@ def test_module_factory_on_sys_path(tmp_path, monkeypatch):
     sys.modules.pop("hessdiag_test_data_factories", None)
 
 
+def test_factories_of_any_shape_collate_functions_and_ready_batches(tmp_path):
+    from hessdiag.data import fixed_batches
+
+    path = tmp_path / "any_data.py"
+    path.write_text(DATA_FACTORIES)
+    flat = load_dataset(f"{path}:flat")  # tabular: vectors and class indices
+    assert flat.facts == {"in_shape": (4,), "num_features": 4, "num_classes": 2,
+                          "num_outputs": 2}
+    regression = load_dataset(f"{path}:float_labels")  # float targets: regression
+    assert regression.num_classes is None and regression.facts["num_outputs"] == 1
+    ragged = load_dataset(f"{path}:ragged_with_collate")
+    assert ragged.facts["num_features"] == 3 and ragged.collate_fn is not None
+    x, y = fixed_batches(ragged, batch_size=3)[0]
+    assert x.shape == (3, 4, 3) and y.tolist() == [0, 1, 0]
+    ready = load_dataset(f"{path}:batches")
+    assert ready.dataset is None and ready.samples == 7
+    assert ready.facts == {"in_shape": (6,), "num_features": 6, "num_outputs": 1}
+    assert fixed_batches(ready, batch_size=100) == ready.batches
+    assert load_dataset(f"{path}:batches", samples=2).samples == 4  # whole batches
+
+
 def test_factory_errors(tmp_path, monkeypatch):
     path = tmp_path / "bad_data.py"
     path.write_text(DATA_FACTORIES)
-    with pytest.raises(ValueError, match="returned a list, not a map-style"):
+    with pytest.raises(ValueError, match="returned a list: neither a map-style"):
         load_dataset(f"{path}:a_list")
-    with pytest.raises(ValueError, match=r"image tensors \(C, H, W\); sample 0 has shape \(4,\)"):
-        load_dataset(f"{path}:flat")
-    with pytest.raises(ValueError, match="has label .*labels must be integers"):
-        load_dataset(f"{path}:float_labels")
+    with pytest.raises(ValueError, match="samples of inconsistent structure: sample 2"):
+        load_dataset(f"{path}:mixed")
+    with pytest.raises(ValueError, match="sample 1 has shapes .* need a collate_fn"):
+        load_dataset(f"{path}:ragged")
     with pytest.raises(ValueError, match="has no callable 'nothing'"):
         load_dataset(f"{path}:nothing")
     with pytest.raises(ValueError, match="cannot import module"):

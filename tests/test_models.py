@@ -156,7 +156,8 @@ def test_module_factory_on_sys_path(tmp_path, monkeypatch):
 
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown model 'foo'; known: mlp, cnn6, resnet18, "
-                       r"resnet50, wrn28-10, wrn and torchvision's .*package\.module:factory "
+                       r"resnet50, wrn28-10, wrn, transformer, gcn, tiny-lm and torchvision.s .*"
+                       r"package\.module:factory "
                        r"or path/to/file\.py:factory"):
         build_model("foo")
     with pytest.raises(ValueError, match="model 'mlp' takes no argument 'depth'; it accepts: "
@@ -174,15 +175,18 @@ def test_clear_errors(tmp_path):
         build_model("mlp", hidden=0)
     with pytest.raises(ValueError, match="cnn6.*at least 4x4"):
         build_model("cnn6", in_shape=(1, 3, 3))
-    with pytest.raises(ValueError, match="in_shape must be three positive integers"):
-        build_model("mlp", in_shape=(8, 8))
+    with pytest.raises(ValueError, match=r"takes images \(channels, height, width\)"):
+        build_model("cnn6", in_shape=(8, 8))
+    with pytest.raises(ValueError, match="in_shape must be positive integers"):
+        build_model("mlp", in_shape=(8, 0))
+    assert build_model("mlp", in_shape=(5,), num_outputs=1)(torch.randn(3, 5)).shape == (3, 1)
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         build_model("mlp", num_classes=0)
 
     path = tmp_path / "factories.py"
     path.write_text(FACTORY_SOURCE)
     with pytest.raises(ValueError, match="returned a list, not a torch.nn.Module"):
-        build_model(f"{path}:not_a_module")
+        build_model(f"{path}:not_a_module", num_classes=3)
     with pytest.raises(ValueError, match="has no callable 'missing'"):
         build_model(f"{path}:missing")
     with pytest.raises(ValueError, match="does not exist"):

@@ -44,10 +44,11 @@ def test_a_run_writes_metrics_sharpness_and_checkpoints(tmp_path, optimizer):
     assert np.isfinite(x["metrics/loss"]).all()
     assert np.isfinite(x["metrics/test_acc"][[3, 7]]).all()  # epoch ends
     assert np.isnan(x["metrics/test_acc"][[0, 1, 2, 4, 5, 6]]).all()
-    assert x["sharpness/step"].tolist() == [4, 8]
+    assert x["sharpness/step"].tolist() == [0, 4, 8]  # from step 0, and at the end
     assert (x["sharpness/lambda_max"] > 0).all()
     assert (x["sharpness/lambda_max_converged"] == 1).all()
-    assert ((x["sharpness/alignment"] >= 0) & (x["sharpness/alignment"] <= 1)).all()
+    aligned = x["sharpness/alignment"][:2]
+    assert ((aligned >= 0) & (aligned <= 1)).all() and np.isnan(x["sharpness/alignment"][2])
     assert x["checkpoints/step"].tolist() == [3, 6, 8]
     assert x["checkpoints/final"].tolist() == [False, False, True]
     assert run.attrs["status"] == "finished" and run.attrs["config"]["optimizer"] == optimizer
@@ -127,10 +128,20 @@ def test_bad_train_input_exits_2(tmp_path):
     for args, message in [
         (["--model", "mlp"], "--model and --data"),
         (["--model", "mlp", "--data", "digits", "--optimizer", "adam"], "--optimizer"),
+        (["--model", "mlp", "--data", "digits", "--augment", "--samples", "8"], None),
+        (["--model", "mlp", "--data", "tabular", "--label-smoothing", "0.1"],
+         "--label-smoothing applies to cross-entropy"),
+        (["--model", "mlp", "--data", "tabular", "--augment"], "--augment crops and flips"),
+        (["--model", "mlp", "--data", "digits", "--model-kwargs", "{hidden"], "--model-kwargs"),
         (["--model", "nope", "--data", "digits"], "unknown model"),
         (["--resume", "ghost"], "no run 'ghost'"),
     ]:
-        result = runner.invoke(app, ["train", *args, "--store", str(tmp_path / "s.h5")])
+        result = runner.invoke(app, ["train", *args, "--store", str(tmp_path / "s.h5"),
+                                     "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs",
+                                     "1"])
+        if message is None:  # images: --augment is fine
+            assert result.exit_code == 0, (args, result.output)
+            continue
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr
 
@@ -148,3 +159,48 @@ def test_fine_tune_from_a_checkpoint_starts_from_its_weights(tmp_path):
                         checkpoint_dir=str(tmp_path / "ckpt"))
     c = _weights(train(fresh, store=Store(tmp_path / "s.h5")).final_checkpoint)
     assert not all(torch.allclose(a[k], c[k], atol=1e-3) for k in a)
+
+
+def test_logged_sharpness_pairs_the_perturbation_and_eigenvector_at_the_same_weights(tmp_path):
+    """The row logged at step s is measured at the weights w_s of checkpoint s: lambda_max
+    equals the dense Hessian's at w_s, and the alignment is that of SAM's perturbation at
+    w_s (the gradient of step s + 1's minibatch) with w_s's top eigenvector. The weights
+    move enough between steps that the eigenvector at w_{s+1} gives another answer."""
+    from conftest import dense_hessian
+    from torch import nn
+
+    from hessdiag.data import batch_of, load_dataset
+    from hessdiag.task import load_task
+
+    cfg = TrainConfig(model="mlp", data="digits", model_kwargs={"hidden": 6}, samples=256,
+                      batch_size=32, epochs=1, lr=0.5, momentum=0.0, optimizer="sam",
+                      rho=0.05, sharpness_every=3, sharpness_samples=64, checkpoint_every=3,
+                      run_name="pair", checkpoint_dir=str(tmp_path / "ckpt"), seed=2)
+    store = Store(tmp_path / "s.h5")
+    train(cfg, store=store)
+    run = store.run("pair").arrays
+    assert run["sharpness/step"].tolist() == [0, 3, 6, 8]
+    assert np.isnan(run["sharpness/alignment"][-1])  # the final weights: no perturbation
+    info = load_dataset("digits", samples=256)
+    measure = load_dataset("digits", samples=64)
+    x_m, y_m = batch_of(measure, range(64))
+
+    def top(step):
+        model = load_task(str(tmp_path / "ckpt" / "pair" / f"step-{step:06d}.pt")).model
+        H = dense_hessian(model, nn.CrossEntropyLoss(), [(x_m, y_m)])
+        values, vectors = torch.linalg.eigh(H)
+        return model, float(values[-1]), vectors[:, -1]
+
+    for row, step in ((1, 3), (2, 6)):
+        model, lam, v = top(step)
+        assert run["sharpness/lambda_max"][row] == pytest.approx(lam, rel=2e-3)
+        order = torch.randperm(256, generator=torch.Generator().manual_seed(2 * 1_000_003))
+        x, y = batch_of(info, order[step * 32:(step + 1) * 32])  # step s + 1's minibatch
+        model.train()
+        loss = nn.functional.cross_entropy(model(x), y)
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(
+            model.parameters()))]).double()
+        cos = abs(float(g @ v)) / float(g.norm())
+        assert run["sharpness/alignment"][row] == pytest.approx(cos, abs=2e-3)
+        _, _, v_next = top(step + 3) if step + 3 <= 6 else top(8)
+        assert abs(abs(float(g @ v_next)) / float(g.norm()) - cos) > 0.01

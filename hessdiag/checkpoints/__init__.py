@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessdiag._errors import InputError, first_line
 from hessdiag._files import replacing
 from hessdiag._version import __version__
 
@@ -32,7 +33,7 @@ FORMAT_VERSION = 1
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint cannot be loaded: missing, corrupted, unsafe, or not matching the model."""
 
 
@@ -46,6 +47,7 @@ class CheckpointInfo:
     model_spec: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] | None = None
+    loss: str | None = None
     step: int | None = None
     epoch: int | None = None
     run_id: str | None = None
@@ -79,9 +81,14 @@ def save_checkpoint(
     epoch: int | None = None,
     run_id: str | None = None,
     data: dict[str, Any] | None = None,
+    loss: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """Write a checkpoint in hessdiag's format, atomically; returns its sha256."""
+    """Write a checkpoint in hessdiag's format, atomically; returns its sha256.
+
+    The task is recorded with it (the model spec with every keyword argument it was built
+    with, the data spec and the loss spec), so that the checkpoint alone says what to
+    measure it on."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -93,6 +100,7 @@ def save_checkpoint(
         "epoch": epoch,
         "run_id": run_id,
         "data": data,
+        "loss": loss,
         "extra": dict(extra or {}),
     }
     path = Path(path)
@@ -119,43 +127,64 @@ def read_checkpoint(path: str | os.PathLike, *, unsafe: bool = False) -> tuple[A
             raise CheckpointError(
                 f"checkpoint {path} contains pickled Python objects that safe loading "
                 "refuses (running them could execute code); if you trust the file, pass "
-                "--unsafe-load"
+                "unsafe=True", param="unsafe"
             ) from exc
-        raise CheckpointError(f"checkpoint {path} is corrupted ({_first_line(exc)})") from exc
+        raise CheckpointError(f"checkpoint {path} is corrupted ({first_line(exc)})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
             AttributeError, ImportError, IndexError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch file (truncated or corrupted?): "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from exc
     except Exception as exc:  # unpickling arbitrary files can raise anything
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_first_line(exc)}") from exc
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first_line(exc)}") from exc
     return payload, sha
 
 
-def load_checkpoint(
+@dataclass(frozen=True)
+class OpenedCheckpoint:
+    """A checkpoint file read and checked, before its model is built."""
+
+    info: CheckpointInfo
+    state: dict[str, Tensor] | None
+    module: nn.Module | None = None  # a whole pickled model (unsafe loading only)
+    optimizer_state: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, facts: dict[str, Any] | None = None) -> nn.Module:
+        """The model with the checkpoint's weights (on the CPU, as saved). ``facts`` about
+        the data (``num_classes``, ``in_shape``, ...) complete what the checkpoint does not
+        record (a plain ``state_dict``'s architecture is built from them)."""
+        from hessdiag.models import build_model
+
+        if self.module is not None:
+            return self.module
+        model = build_model(self.info.model_spec, facts=facts, **self.info.model_kwargs)
+        _load_state(model, _strip_prefix(self.state), self.info.path, self.info.model_spec)
+        return model
+
+
+def open_checkpoint(
     path: str | os.PathLike,
     *,
     model_spec: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     unsafe: bool = False,
-) -> LoadedCheckpoint:
-    """Load a checkpoint and build its model (on the CPU, in float32 as saved).
+) -> OpenedCheckpoint:
+    """Read a checkpoint and what it records, without building its model yet.
 
     ``model_spec`` (and ``model_kwargs``) name the architecture for plain ``state_dict``
     files and override the one recorded in hessdiag checkpoints.
     """
-    from hessdiag.models import build_model
-
     payload, sha = read_checkpoint(path, unsafe=unsafe)
     path_s = str(path)
     if isinstance(payload, nn.Module):
         if model_spec is not None:
             raise CheckpointError(f"checkpoint {path} holds a whole pickled model; do not "
-                                  "pass --model with it")
+                                  "pass model_spec with it")
         info = CheckpointInfo(path=path_s, sha256=sha, format="pickled-module",
                               model_spec=f"pickled:{type(payload).__name__}")
-        return LoadedCheckpoint(model=payload.float().cpu(), info=info)
+        return OpenedCheckpoint(info=info, state=None, module=payload.float().cpu())
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, not a "
                               "state_dict or a hessdiag checkpoint")
@@ -172,8 +201,9 @@ def load_checkpoint(
         state = payload.get("state_dict")
         info = CheckpointInfo(
             path=path_s, sha256=sha, format="hessdiag", model_spec=spec, model_kwargs=kwargs,
-            data=payload.get("data"), step=payload.get("step"), epoch=payload.get("epoch"),
-            run_id=payload.get("run_id"), hessdiag_version=payload.get("hessdiag_version"),
+            data=payload.get("data"), loss=payload.get("loss"), step=payload.get("step"),
+            epoch=payload.get("epoch"), run_id=payload.get("run_id"),
+            hessdiag_version=payload.get("hessdiag_version"),
         )
         optimizer_state = payload.get("optimizer")
         extra = dict(payload.get("extra") or {})
@@ -186,7 +216,8 @@ def load_checkpoint(
             )
         if model_spec is None:
             raise CheckpointError(f"checkpoint {path} is a plain state_dict: name its "
-                                  "architecture with --model (see `hessdiag models`)")
+                                  "architecture with model_spec (see `hessdiag models`)",
+                                  param="model_spec")
         info = CheckpointInfo(path=path_s, sha256=sha, format="state_dict",
                               model_spec=model_spec, model_kwargs=dict(model_kwargs or {}))
         optimizer_state, extra = None, {}
@@ -194,11 +225,26 @@ def load_checkpoint(
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path}: its state_dict is not a mapping of tensors")
     if info.model_spec is None:
-        raise CheckpointError(f"checkpoint {path} does not record its model: pass --model")
-    model = build_model(info.model_spec, **info.model_kwargs)
-    _load_state(model, _strip_prefix(state), path, info.model_spec)
-    return LoadedCheckpoint(model=model, info=info, optimizer_state=optimizer_state,
+        raise CheckpointError(f"checkpoint {path} does not record its model: pass model_spec",
+                              param="model_spec")
+    return OpenedCheckpoint(info=info, state=state, optimizer_state=optimizer_state,
                             extra=extra)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model_spec: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    facts: dict[str, Any] | None = None,
+    unsafe: bool = False,
+) -> LoadedCheckpoint:
+    """Load a checkpoint and build its model (on the CPU, in float32 as saved); see
+    :func:`open_checkpoint` and :meth:`OpenedCheckpoint.build_model`."""
+    opened = open_checkpoint(path, model_spec=model_spec, model_kwargs=model_kwargs,
+                             unsafe=unsafe)
+    return LoadedCheckpoint(model=opened.build_model(facts), info=opened.info,
+                            optimizer_state=opened.optimizer_state, extra=opened.extra)
 
 
 def _find_state_dict(payload: dict) -> dict | None:
@@ -230,7 +276,8 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], path, spec: str) -> 
         if unexpected:
             parts.append(f"unexpected {_few(unexpected)}")
         raise CheckpointError(f"checkpoint {path} does not match model {spec}: "
-                              f"{'; '.join(parts)} (wrong --model or model options?)")
+                              f"{'; '.join(parts)} (wrong model_spec or model options?)",
+                              param="model_spec")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(own[key].shape):
             raise CheckpointError(
@@ -244,10 +291,6 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], path, spec: str) -> 
 def _few(keys: list[str], n: int = 3) -> str:
     text = ", ".join(keys[:n])
     return text + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def checkpoint_files(directory: str | os.PathLike) -> tuple[list[Path], list[Path]]:

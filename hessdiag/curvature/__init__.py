@@ -8,7 +8,11 @@ from hessdiag.curvature.hutchinson import hutchinson
 from hessdiag.curvature.hutchpp import hutchpp
 from hessdiag.curvature.lanczos import default_tol, lanczos
 from hessdiag.curvature.linear import MatrixOperator, as_operator
-from hessdiag.curvature.operator import HessianOperator, NondeterministicOperatorError
+from hessdiag.curvature.operator import (
+    HessianOperator,
+    NondeterministicOperatorError,
+    preserved_state,
+)
 from hessdiag.curvature.power import power_iteration
 from hessdiag.curvature.results import EigenResult, SLQResult, TraceResult
 from hessdiag.curvature.slq import density, slq
@@ -27,5 +31,6 @@ __all__ = [
     "hutchpp",
     "lanczos",
     "power_iteration",
+    "preserved_state",
     "slq",
 ]

@@ -543,3 +543,21 @@ class _eval_mode:
         for m, flag in self.flags:
             m.training = flag
         return False
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, eval_mode: bool = True):
+    """Run a block with the model in eval mode (or in train mode with
+    ``eval_mode=False``), then restore every submodule's training flag and every buffer's
+    value (BatchNorm running statistics and ``num_batches_tracked`` included)."""
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    model.train(not eval_mode)
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)

@@ -8,17 +8,23 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Module):
-    """Flatten, then ``Linear(prod(in_shape), hidden)``, ReLU, ``Linear(hidden, hidden)``,
-    ReLU, ``Linear(hidden, num_classes)``."""
+    """Flatten, then ``Linear(prod(in_shape), hidden)``, activation, ``Linear(hidden,
+    hidden)``, activation, ``Linear(hidden, num_classes)``: logits of ``num_classes``
+    classes, or ``num_classes`` regression outputs. ``activation``: ``relu`` (default),
+    ``tanh`` or ``gelu``."""
 
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int = 10, hidden: int = 128):
+    ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int = 10, hidden: int = 128,
+                 activation: str = "relu"):
         super().__init__()
+        act = self.ACTIVATIONS[activation]
         self.net = nn.Sequential(
             nn.Flatten(),
             nn.Linear(math.prod(in_shape), hidden),
-            nn.ReLU(),
+            act(),
             nn.Linear(hidden, hidden),
-            nn.ReLU(),
+            act(),
             nn.Linear(hidden, num_classes),
         )
 

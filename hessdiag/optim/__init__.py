@@ -11,6 +11,7 @@
 """
 
 from hessdiag.optim.eigensam import EigenSAM
+from hessdiag.optim.perturbation import perturbation
 from hessdiag.optim.sam import (
     SAM,
     disable_running_stats,
@@ -24,4 +25,5 @@ __all__ = [
     "disable_running_stats",
     "enable_running_stats",
     "make_base_optimizer",
+    "perturbation",
 ]

@@ -31,13 +31,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hessdiag._errors import InputError, first_line
 from hessdiag._files import replacing
 
 SCHEMA_VERSION = 1
 FORMAT = "hessdiag-store"
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """The store cannot be read or written (not HDF5, corrupted, newer schema, read-only)."""
 
 
@@ -100,23 +101,26 @@ class Store:
             return
         if self.path.is_dir():
             raise StoreError(f"store {self.path} is a directory; give a file path such as "
-                             f"{self.path / 'hessdiag.h5'}")
+                             f"{self.path / 'hessdiag.h5'}", param="store")
         if not h5py.is_hdf5(self.path):
-            raise StoreError(f"store {self.path} is not an HDF5 file: give another --store "
-                             "path (hessdiag never overwrites a file it did not write)")
+            raise StoreError(f"store {self.path} is not an HDF5 file: give another store "
+                             "path (hessdiag never overwrites a file it did not write)",
+                             param="store")
         try:
             with h5py.File(self.path, "r") as f:
                 fmt = _from_attr(f.attrs.get("format", ""))
                 version = _from_attr(f.attrs.get("schema_version", -1))
         except OSError as exc:
-            raise StoreError(f"store {self.path} is corrupted or truncated ({_short(exc)}); "
-                             "move it aside and use a new --store path") from exc
+            raise StoreError(f"store {self.path} is corrupted or truncated "
+                             f"({first_line(exc, 160)}); move it aside and use a new store "
+                             "path", param="store") from exc
         if fmt != FORMAT:
             raise StoreError(f"{self.path} is an HDF5 file but not a hessdiag store: give "
-                             "another --store path")
+                             "another store path", param="store")
         if int(version) > SCHEMA_VERSION:
             raise StoreError(f"store {self.path} has schema version {version}, newer than "
-                             f"this hessdiag reads ({SCHEMA_VERSION}): upgrade hessdiag")
+                             f"this hessdiag reads ({SCHEMA_VERSION}): upgrade hessdiag",
+                             param="store")
 
     def check_writable(self) -> None:
         """Validate, and make sure a record could be written (the directory accepts files)."""
@@ -124,14 +128,14 @@ class Store:
         directory = self.path.parent if str(self.path.parent) else Path(".")
         if not directory.is_dir():
             raise StoreError(f"cannot write store {self.path}: directory {directory} does "
-                             "not exist")
+                             "not exist", param="store")
         try:
             with tempfile.NamedTemporaryFile(dir=directory, prefix=".hessdiag-probe-"):
                 pass
         except OSError as exc:
             raise StoreError(f"cannot write store {self.path}: directory {directory} is not "
-                             f"writable ({_short(exc)}); give a --store path in a writable "
-                             "directory") from exc
+                             f"writable ({first_line(exc, 160)}); give a store path in a writable "
+                             "directory", param="store") from exc
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
@@ -185,7 +189,10 @@ class Store:
             for key, value in arrays.items():
                 if value is None:
                     continue
-                group.create_dataset(key, data=np.asarray(value))
+                value = np.asarray(value)
+                if value.dtype.kind in "UO":
+                    value = value.astype(h5py.string_dtype())
+                group.create_dataset(key, data=value)
         return analysis_id
 
     def create_run(self, run_id: str, attrs: Mapping[str, Any]) -> None:
@@ -193,7 +200,7 @@ class Store:
         with self.transaction() as f:
             if run_id in f["runs"]:
                 raise StoreError(f"store {self.path} already has a run {run_id!r}: choose "
-                                 "another --run-name, or --resume it")
+                                 "another run_name, or resume it", param="run_name")
             group = f["runs"].create_group(run_id)
             group.attrs["created"] = now()
             for key, value in attrs.items():
@@ -207,7 +214,7 @@ class Store:
         rows). ``attrs`` update the run's attributes in the same record."""
         with self.transaction() as f:
             if run_id not in f["runs"]:
-                raise StoreError(f"store {self.path} has no run {run_id!r}")
+                raise StoreError(f"store {self.path} has no run {run_id!r}", param="store")
             group = f["runs"][run_id]
             for table, columns in tables.items():
                 lengths = {len(np.atleast_1d(v)) for v in columns.values()}
@@ -273,7 +280,7 @@ class Store:
             if f is None or key not in f[group]:
                 known = [] if f is None else list(f[group].keys())
                 hint = f"; known: {', '.join(known[:5])}" if known else f" (no {group})"
-                raise StoreError(f"no {what} {key!r} in store {self.path}{hint}")
+                raise StoreError(f"no {what} {key!r} in store {self.path}{hint}", param="store")
             return _record(f[group][key], group)
 
     def runs(self) -> list[Record]:
@@ -304,5 +311,3 @@ def _record(group: h5py.Group, kind: str) -> Record:
     return Record(id=group.name.rsplit("/", 1)[-1], group=kind, attrs=attrs, arrays=arrays)
 
 
-def _short(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

@@ -1,0 +1,171 @@
+"""What the workflows return: frozen results with their errors, seeds and settings.
+
+:class:`SpectrumResult` (``hessdiag spectrum``) and :class:`AlignmentResult`
+(``hessdiag align``) are written to the store and read back whole by
+:mod:`hessdiag.records`; ``to_dict()`` is their JSON form (documented in docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hessdiag.curvature import EigenResult, SLQResult, TraceResult
+
+
+def _float(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class LayerSharpness:
+    """The diagonal Hessian block of one parameterised module: its top eigenvalue (with
+    residual) and its trace (with standard error)."""
+
+    name: str
+    params: tuple[str, ...]
+    dim: int
+    top: EigenResult
+    trace: TraceResult | None
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.top.eigenvalues[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.name, "params": list(self.params), "dim": self.dim,
+                "lambda_max": self.lambda_max,
+                "lambda_max_residual": _float(self.top.residuals[0]),
+                "lambda_max_converged": bool(self.top.converged[0]),
+                "trace": None if self.trace is None else self.trace.estimate,
+                "trace_stderr": None if self.trace is None else _float(self.trace.stderr),
+                "hvps": self.top.hvps + (0 if self.trace is None else self.trace.hvps)}
+
+
+@dataclass(frozen=True)
+class SpectrumResult:
+    """Everything one spectrum analysis measured, with its errors and settings."""
+
+    top: EigenResult
+    bottom: EigenResult | None
+    trace: TraceResult | None
+    density: SLQResult | None
+    operator: dict[str, Any]
+    hvps: int
+    seconds: float
+    seed: int | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    layers: tuple[LayerSharpness, ...] = ()
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.top.eigenvalues[0])
+
+    @property
+    def lambda_min(self) -> float | None:
+        return None if self.bottom is None else float(self.bottom.eigenvalues[0])
+
+    @property
+    def lambda_ratio(self) -> float | None:
+        """``lambda_max / |lambda_min|`` (Li et al. 2018); ``None`` without ``lambda_min``."""
+        if self.lambda_min is None or self.lambda_min == 0:
+            return None
+        return self.lambda_max / abs(self.lambda_min)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stable, JSON-ready fields (documented in docs/cli.md)."""
+        top = self.top.to_dict()
+        out: dict[str, Any] = {
+            "eigenvalues": top["eigenvalues"],
+            "residuals": top["residuals"],
+            "converged": top["converged"],
+            "method": self.top.method,
+            "tol": self.top.tol,
+            "lambda_min": self.lambda_min,
+            "lambda_min_residual": (None if self.bottom is None
+                                    else _float(self.bottom.residuals[0])),
+            "lambda_min_converged": (None if self.bottom is None
+                                     else bool(self.bottom.converged[0])),
+            "lambda_ratio": self.lambda_ratio,
+            "trace": None if self.trace is None else self.trace.estimate,
+            "trace_stderr": None if self.trace is None else _float(self.trace.stderr),
+            "trace_ci95": None if self.trace is None else [_float(v) for v in self.trace.ci95],
+            "trace_method": None if self.trace is None else self.trace.method,
+            "density": None,
+            "layers": [layer.to_dict() for layer in self.layers] or None,
+            "hvps": self.hvps,
+            "seconds": self.seconds,
+            "seed": self.seed,
+            "dim": self.operator.get("dim"),
+            "samples": self.operator.get("samples"),
+            "hvp_mode": self.operator.get("mode"),
+            "dtype": self.operator.get("dtype"),
+            "device": self.operator.get("device"),
+        }
+        if self.density is not None:
+            trace, se = self.density.trace()
+            out["density"] = {"n_probes": self.density.n_probes, "steps": self.density.steps,
+                              "sigma": self.density.default_sigma(),
+                              "trace": trace, "trace_stderr": _float(se)}
+        return out
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """Alignment of perturbations with the top eigenvector(s) at one set of weights.
+
+    ``alignment`` is the mean of ``|cos(e, v)|`` over ``batches`` minibatches,
+    ``alignment_signed`` the mean of ``cos(e, v)``, each with a 95% t-interval;
+    ``topk_share`` the mean share ``||V_k^T e||^2 / ||e||^2`` of ``e`` inside the top-k
+    eigenspace. ``eigenvalues`` etc. are those of the measurement set's Hessian;
+    ``rule`` names the perturbation measured (see :mod:`hessdiag.align`).
+    """
+
+    alignment: float
+    ci95: tuple[float, float]
+    alignment_signed: float
+    ci95_signed: tuple[float, float]
+    cosines: np.ndarray
+    batches: int
+    top_k: int
+    topk_share: float | None
+    topk_share_ci95: tuple[float, float] | None
+    eigenvalues: np.ndarray
+    residuals: np.ndarray
+    converged: np.ndarray
+    rule: str
+    alpha: float
+    hvps: int
+    seconds: float
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.eigenvalues[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alignment": self.alignment, "alignment_signed": self.alignment_signed,
+            "ci95": [_float(v) for v in self.ci95],
+            "ci95_signed": [_float(v) for v in self.ci95_signed],
+            "cosines": [float(c) for c in self.cosines],
+            "batches": self.batches, "lambda_max": self.lambda_max,
+            "eigenvalues": [float(v) for v in self.eigenvalues],
+            "residuals": [float(v) for v in self.residuals],
+            "converged": [bool(c) for c in self.converged],
+            "lambda_max_residual": float(self.residuals[0]),
+            "lambda_max_converged": bool(self.converged[0]),
+            "top_k": self.top_k, "topk_share": self.topk_share,
+            "topk_share_ci95": None if self.topk_share_ci95 is None
+            else [_float(v) for v in self.topk_share_ci95],
+            "perturbation": self.rule, "alpha": self.alpha,
+            "hvps": self.hvps, "seconds": self.seconds, "seed": self.seed,
+            "settings": self.settings,
+        }
