@@ -13,7 +13,7 @@ from hessdiag.curvature.operator import (
     NondeterministicOperatorError,
     preserved_state,
 )
-from hessdiag.curvature.power import power_iteration
+from hessdiag.curvature.power import power_iteration, power_steps
 from hessdiag.curvature.results import EigenResult, SLQResult, TraceResult
 from hessdiag.curvature.slq import density, slq
 
@@ -31,6 +31,7 @@ __all__ = [
     "hutchpp",
     "lanczos",
     "power_iteration",
+    "power_steps",
     "preserved_state",
     "slq",
 ]

@@ -188,3 +188,36 @@ def _one_pair(counter, info, vecs, values, deflation, sigma, start, gen, tol, ma
             return u, hu, theta, it
         u = w / wn
     raise AssertionError("unreachable: the loop returns at max_iter")
+
+
+def power_steps(op: Any, v0: Tensor, steps: int, *, shift: float = 0.0
+                ) -> tuple[Tensor, float, float]:
+    """Exactly ``steps`` power steps ``u <- (H - shift I) u / ||.||`` from ``v0``, one
+    product each; returns the last iterate (``(H - shift I)^steps v0`` normalised), and
+    the Rayleigh quotient ``theta = u^T H u`` and residual ``||H u - theta u||`` of the
+    iterate ``u`` the last product was taken of. No convergence test: for a fixed budget
+    of products with a warm start (Eigen-SAM's refreshes).
+
+    >>> import torch
+    >>> A = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))
+    >>> v, theta, residual = power_steps(A, torch.tensor([1.0, 1.0], dtype=torch.float64), 2)
+    >>> [round(float(x), 6) for x in v]  # (9, 1) / sqrt(82)
+    [0.993884, 0.110432]
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1; got {steps}")
+    op = as_operator(op)
+    info = operator_info(op)
+    u = v0.reshape(-1).to(info.device, info.dtype)
+    u = u / torch.linalg.vector_norm(u)
+    theta = residual = float("nan")
+    for _ in range(steps):
+        hu = op.matvec(u)
+        theta = float(u @ hu)
+        residual = float(torch.linalg.vector_norm(hu - theta * u))
+        w = hu - shift * u
+        norm = torch.linalg.vector_norm(w)
+        if norm == 0:  # u is an eigenvector of eigenvalue shift: nowhere to go
+            break
+        u = w / norm
+    return u, theta, residual

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from hessdiag.curvature.linear import generator
 from hessdiag.curvature.operator import MODES, HessianOperator
-from hessdiag.curvature.power import power_iteration
+from hessdiag.curvature.power import power_steps
+from hessdiag.optim.perturbation import perturbation
 from hessdiag.optim.sam import SAM, _check_nonnegative
 
 
@@ -68,18 +69,18 @@ class EigenSAM(SAM):
         Must be ``False``: the method is defined for the Euclidean neighbourhood only
         (an ASAM version would need the eigenvector of ``T H T``, ``T = |w|``).
     eig_seed:
-        Seed of the random starting vector of the first estimate (and of any restart
-        inside the power iteration).
+        Seed of the random starting vector of the first estimate.
     eig_shift:
-        ``"auto"`` (default): the algebraically largest eigenvalue ("top" in this
-        project). :func:`hessdiag.curvature.power_iteration` iterates on ``H`` and, when
-        it lands on a dominant negative eigenvalue, shifts to ``H - sigma I`` (``sigma``
-        that eigenvalue estimate) and restarts from a random vector. Such a restart at
-        every refresh discards the warm start, so the shift is kept for later refreshes
-        (and lowered whenever an estimate falls below it); it is saved in the state
-        dict. A number: iterate on ``H - eig_shift I`` throughout; ``0.0`` is the
-        official code's plain power iteration (the eigenvalue of largest magnitude,
-        which may be negative).
+        ``"auto"`` (default): seek the algebraically largest eigenvalue ("top" in this
+        project). Each refresh takes ``eig_iters`` steps ``v <- (H - sigma I) v / ||.||``
+        from the warm start (:func:`hessdiag.curvature.power_steps`), with ``sigma = 0``
+        until an estimate comes out below the shift in use: a negative eigenvalue then
+        dominates, and ``sigma`` becomes that estimate for later refreshes (lowered again
+        whenever an estimate falls below it), so that the top dominates ``H - sigma I``.
+        The warm start is never thrown away; the shift is saved in the state dict. A
+        number: iterate on ``H - eig_shift I`` throughout; ``0.0`` is the official code's
+        plain power iteration (the eigenvalue of largest magnitude, which may be
+        negative).
     hvp_mode:
         Hessian-vector product mode for :class:`hessdiag.curvature.HessianOperator`.
         ``"auto"`` times the candidates at the first refresh only (a few extra products)
@@ -93,9 +94,18 @@ class EigenSAM(SAM):
         opt.first_step(zero_grad=True)
         ...                                                  # as SAM
 
-    Diagnostics: :attr:`eigenvector` (flat, the optimizer's parameter order),
-    :attr:`eigenvalue` (Rayleigh quotient) and :attr:`eigen_residual`
-    (``||H v - theta v||``), :attr:`last_alignment` ``|<e, v>| / ||e||`` and
+    Refresh schedule, compared with the official code: there the counter is the step
+    within the epoch and a refresh happens when ``step > 0 and step % p == 0``, so the
+    first epoch runs ``p`` steps as SAM and the schedule restarts every epoch; here the
+    counter is the global optimizer step (not reset per epoch) and the first refresh is
+    at step 0, so the eigenvector is used from the first step and refreshed every ``p``
+    steps throughout.
+
+    Diagnostics: :attr:`eigenvector` (flat, the optimizer's parameter order; after a
+    refresh exactly ``(H - sigma I)^k v_prev`` normalised), :attr:`eigenvalue` and
+    :attr:`eigen_residual`: the Rayleigh quotient ``theta`` and ``||H u - theta u||`` of
+    the iterate ``u`` the last product was taken of (the final vector has no product of
+    its own, which would cost one more), :attr:`last_alignment` ``|<e, v>| / ||e||`` and
     :attr:`last_signed_alignment` of the last perturbation, :attr:`eig_updates`,
     :attr:`eig_hvps` (Hessian-vector products spent, mode timing included) and
     :attr:`global_step`. All of them are saved by :meth:`state_dict`.
@@ -227,24 +237,17 @@ class EigenSAM(SAM):
             v0_flat = self.eigenvector
         v0 = to_operator(v0_flat)
 
-        shift = self.eig_shift
-        if shift == "auto" and self._shift is not None:
-            shift = self._shift
-        result = power_iteration(
-            op, k=1, tol=0.0, max_iter=self.eig_iters, v0=v0,
-            seed=self.eig_seed + self.eig_updates + 1, shift=shift,
-        )
-        if self.eig_shift == "auto":
-            # power_iteration's "auto" shifts past a dominant negative eigenvalue by
-            # restarting from a random vector, which throws the warm start away at every
-            # refresh (the estimate then never settles); keep the shift instead, and lower
-            # it whenever the estimate falls below it (a sign it is too high to favour the top)
-            used, theta = float(result.settings["shift"]), float(result.eigenvalues[0])
-            if used != 0.0:
-                self._shift = used
-            if self._shift is not None and theta < self._shift:
-                self._shift = theta
-        u = op.unflatten(result.eigenvectors[:, 0])
+        # exactly eig_iters products, eig_iters power steps: v <- (H - sigma I) v / ||.||
+        # (the official code's H^k v0 / ||H^k v0|| when sigma = 0)
+        auto = self.eig_shift == "auto"
+        sigma = (self._shift or 0.0) if auto else float(self.eig_shift)
+        vector, theta, residual = power_steps(op, v0, self.eig_iters, shift=sigma)
+        if auto and theta < sigma:
+            # the iterate fell towards the bottom of the spectrum: a negative eigenvalue
+            # dominates H - sigma I. Shift to it for the next refreshes (H - theta I then
+            # favours the top) and keep the warm start rather than restarting at random
+            self._shift = theta
+        u = op.unflatten(vector)
         u_by_id = {id(op_p): u[n] for n, op_p in _named(model, op)}
         device, dtype = self._shared_device(), op.dtype
         v = torch.cat([
@@ -253,8 +256,8 @@ class EigenSAM(SAM):
             for p in params
         ])
         self.eigenvector = v / torch.linalg.vector_norm(v)
-        self.eigenvalue = float(result.eigenvalues[0])
-        self.eigen_residual = float(result.residuals[0])
+        self.eigenvalue = theta
+        self.eigen_residual = residual
         self.eig_hvps += op.hvp_count
         self.eig_updates += 1
         self._last_eig_step = self.global_step
@@ -263,53 +266,32 @@ class EigenSAM(SAM):
 
     # ------------------------------------------------------------------ the perturbation
     def _perturbation(self) -> dict[Tensor, Tensor]:
-        """Eigen-SAM's ``e`` (see the module docstring); SAM's before the first estimate."""
+        """Eigen-SAM's ``e`` (see the module docstring and
+        :func:`hessdiag.optim.perturbation`); SAM's before the first estimate."""
         if self.eigenvector is None:
             self._dot_ev = self._norm_e = None
             return super()._perturbation()
-        device = self._shared_device()
-        pairs = []   # (group, p, g or None, v chunk)
-        for (group, p), v in zip(self._group_params(),
-                                 torch.split(self.eigenvector, [q.numel() for q in
-                                                                self._params()]), strict=True):
-            pairs.append((group, p, p.grad, v.view_as(p).to(p.device, p.dtype)))
-        with_grad = [(group, p, g, v) for group, p, g, v in pairs if g is not None]
-        if not with_grad:
+        chunks = torch.split(self.eigenvector, [q.numel() for q in self._params()])
+        moved = [(group, p, v.view_as(p).to(p.device, p.dtype))
+                 for (group, p), v in zip(self._group_params(), chunks, strict=True)
+                 if p.grad is not None]
+        if not moved:
             raise RuntimeError(
                 "no parameter has a gradient: run the forward and backward pass at the "
                 "current weights before first_step"
             )
-
-        def total(values: list[Tensor]) -> Tensor:
-            return torch.stack([x.to(device, torch.float64) for x in values]).sum()
-
-        # inner products over all parameters, accumulated in float64 on one device
-        gg = total([torch.sum(g * g) for _, _, g, _ in with_grad])
-        gv = total([torch.sum(g * v) for _, _, g, v in with_grad])
-        grad_norm = torch.sqrt(gg)
-        self._grad_norm_t = grad_norm.detach()
-        inv = 1.0 / (grad_norm + 1e-12)
-        c = gv * inv                 # <g_hat, v>
-        s = torch.sign(gv)           # sign(<g, v>); 0 (no eigenvector term) if orthogonal
-
-        # d = g_hat + alpha s (v - c g_hat) = (1 - alpha s c) g_hat + alpha s v
-        a_g = (1.0 - self.alpha * s * c) * inv
-        a_v = self.alpha * s
-        d = {}
-        for _, p, g, v in with_grad:
-            d[p] = (g * a_g.to(p.device, g.dtype)).add_(v * a_v.to(p.device, g.dtype))
-        if self.renormalize:
-            d_norm = torch.sqrt(total([torch.sum(x * x) for x in d.values()]))
-            scale = 1.0 / (d_norm + 1e-12)
-        else:
-            scale = torch.ones((), dtype=torch.float64, device=device)
-        out = {}
-        for group, p, _, _ in with_grad:
-            out[p] = d[p].mul_((group["rho"] * scale).to(p.device, p.dtype))
+        self._grad_norm_t = self._grad_norm().detach()
+        e = perturbation("eigensam", [p.grad for _, p, _ in moved],
+                         rho=[group["rho"] for group, _, _ in moved],
+                         eigenvector=[v for _, _, v in moved], alpha=self.alpha,
+                         renormalize=self.renormalize)
+        device = self._shared_device()
         # alignment with v of what is actually applied (v has unit length)
-        self._dot_ev = total([torch.sum(out[p] * v) for _, p, _, v in with_grad]).detach()
-        self._norm_e = torch.sqrt(total([torch.sum(e * e) for e in out.values()])).detach()
-        return out
+        self._dot_ev = torch.stack([torch.sum(x.double() * v.double()).to(device)
+                                    for x, (_, _, v) in zip(e, moved, strict=True)]).sum()
+        self._norm_e = torch.sqrt(torch.stack([torch.sum(x.double() ** 2).to(device)
+                                               for x in e]).sum())
+        return {p: x for (_, p, _), x in zip(moved, e, strict=True)}
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

@@ -33,8 +33,9 @@ def perturbation(rule: str, grads: Sequence[Tensor], *, rho: float | Sequence[fl
                  renormalize: bool = False) -> list[Tensor]:
     """The perturbation ``e`` of ``rule`` (see the module docstring), one tensor per
     gradient. ``rho`` is one radius or one per tensor (SAM's parameter groups);
-    ``params`` (the weights ``w``) are needed for ``asam``, ``eigenvector`` (unit, one
-    tensor per gradient) for ``eigensam``."""
+    ``params`` (the weights ``w``) are needed for ``asam`` (a ``None`` entry means
+    ``T = 1`` for that tensor: a parameter group without ``adaptive``), ``eigenvector``
+    (unit, one tensor per gradient) for ``eigensam``."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
     grads = list(grads)
@@ -45,9 +46,9 @@ def perturbation(rule: str, grads: Sequence[Tensor], *, rho: float | Sequence[fl
     if rule == "asam":
         if params is None:
             raise ValueError("asam needs the weights (params)")
-        scaled = [p.abs() * g for p, g in zip(params, grads, strict=True)]
+        scaled = [g if p is None else p.abs() * g for p, g in zip(params, grads, strict=True)]
         norm = torch.sqrt(_dot(scaled, scaled, device))
-        return [r * p.abs() * s / (norm + 1e-12).to(s.dtype)
+        return [(r / (norm + 1e-12)).to(s.device, s.dtype) * (s if p is None else p.abs() * s)
                 for r, p, s in zip(radii, params, scaled, strict=True)]
     norm = torch.sqrt(_dot(grads, grads, device))
     inv = 1.0 / (norm + 1e-12)

@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hessdiag.optim.perturbation import perturbation
+
 _BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
@@ -182,19 +184,14 @@ class SAM(torch.optim.Optimizer):
 
     def _perturbation(self) -> dict[Tensor, Tensor]:
         """SAM's ``e = rho g / (||g|| + 1e-12)`` (ASAM: ``rho T^2 g / (||T g|| + 1e-12)``)
-        for each parameter with a gradient."""
-        grad_norm = self._grad_norm()
-        self._grad_norm_t = grad_norm.detach()
-        out = {}
-        for group, p in self._group_params():
-            if p.grad is None:
-                continue
-            scale = (group["rho"] / (grad_norm + 1e-12)).to(p.device)
-            e = p.grad * scale.to(p.grad.dtype)
-            if group["adaptive"]:
-                e = e * torch.square(p)
-            out[p] = e
-        return out
+        for each parameter with a gradient (:func:`hessdiag.optim.perturbation`)."""
+        self._grad_norm_t = self._grad_norm().detach()
+        moved = [(group, p) for group, p in self._group_params() if p.grad is not None]
+        adaptive = any(group["adaptive"] for group, _ in moved)
+        e = perturbation("asam" if adaptive else "sam", [p.grad for _, p in moved],
+                         rho=[group["rho"] for group, _ in moved],
+                         params=[p if group["adaptive"] else None for group, p in moved])
+        return {p: x for (_, p), x in zip(moved, e, strict=True)}
 
     # ------------------------------------------------------------------ the steps
     @torch.no_grad()
