@@ -199,11 +199,14 @@ class HessianOperator:
         self.numels = [p.numel() for p in selected.values()]
         self.dim = sum(self.numels)
         self.shape = (self.dim, self.dim)
+        # a snapshot: the operator is the Hessian at the weights it was made at, whatever
+        # happens to the model afterwards (and products never write into the model)
         self.params = {
-            n: p.detach().to(device=self.device, dtype=self.dtype) for n, p in selected.items()
+            n: p.detach().to(device=self.device, dtype=self.dtype).clone()
+            for n, p in selected.items()
         }
         self.fixed = {
-            n: _cast(t.detach(), self.device, self.dtype)
+            n: _cast(t.detach(), self.device, self.dtype).clone()
             for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if n not in selected
         }
@@ -301,7 +304,12 @@ class HessianOperator:
             raise ValueError("no batches: the data is empty, so there is no loss to differentiate")
 
     def _loss(self, params: dict[str, Tensor], inputs: Any, targets: Tensor) -> Tensor:
-        state = {**self.fixed, **params}
+        fixed = self.fixed
+        if self.train_mode:
+            # a train-mode forward updates BatchNorm's running statistics in place: give it
+            # copies, so that the snapshot stays what it was
+            fixed = {n: t.clone() for n, t in fixed.items()}
+        state = {**fixed, **params}
         if isinstance(inputs, Mapping):
             outputs = functional_call(self.model, state, args=(), kwargs=dict(inputs))
         elif isinstance(inputs, tuple | list):
@@ -356,8 +364,16 @@ class HessianOperator:
                 grads = torch.autograd.grad(loss, leaves, create_graph=True)
             self._retained.append((leaves, list(grads), n, loss.detach()))
 
+    @contextlib.contextmanager
+    def _modes(self):
+        """Eval mode (unless ``train_mode``) and the math attention kernel for a product;
+        the model's flags are restored afterwards."""
+        with preserved_state(self.model, not self.train_mode, buffers=False), \
+                _math_attention():
+            yield
+
     def _matvec_with(self, mode: str, v: Tensor, first: bool = False) -> Tensor:
-        with _eval_mode(self.model, self.train_mode), _math_attention():
+        with self._modes():
             if mode == "retained-graph":
                 return self._matvec_retained(v, first)
             vd = self.unflatten(v)
@@ -454,7 +470,7 @@ class HessianOperator:
             for _ in range(2):
                 start = time.perf_counter()
                 try:
-                    with _eval_mode(self.model, self.train_mode), _math_attention():
+                    with self._modes():
                         if mode == "retained-graph":
                             if self._retained is None:
                                 self._build_retained()
@@ -516,10 +532,14 @@ def _math_attention():
 
 
 def _lacks_forward_ad(exc: BaseException) -> bool:
+    """Whether an error says forward-over-reverse cannot run this model: an op without a
+    forward-mode formula, or one whose formula fails (``nn.MSELoss``'s backward under
+    forward AD raises "ZeroTensors are immutable" in torch 2.14)."""
     text = str(exc).lower()
     return any(
         key in text
-        for key in ("forward ad", "forward-mode", "forward mode", "jvp", "forward_ad", "fw_grad")
+        for key in ("forward ad", "forward-mode", "forward mode", "jvp", "forward_ad", "fw_grad",
+                    "zerotensors are immutable")
     )
 
 
@@ -527,31 +547,14 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-class _eval_mode:
-    """Put a model in eval mode (unless ``keep``) and restore every submodule's flag."""
-
-    def __init__(self, model: nn.Module, keep: bool) -> None:
-        self.model, self.keep = model, keep
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        if not self.keep:
-            self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags:
-            m.training = flag
-        return False
-
-
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, eval_mode: bool = True):
+def preserved_state(model: nn.Module, eval_mode: bool = True, buffers: bool = True):
     """Run a block with the model in eval mode (or in train mode with
-    ``eval_mode=False``), then restore every submodule's training flag and every buffer's
-    value (BatchNorm running statistics and ``num_batches_tracked`` included)."""
+    ``eval_mode=False``), then restore every submodule's training flag and, with
+    ``buffers``, every buffer's value (BatchNorm running statistics and
+    ``num_batches_tracked`` included)."""
     flags = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if buffers else []
     model.train(not eval_mode)
     try:
         yield model
@@ -559,5 +562,5 @@ def preserved_state(model: nn.Module, eval_mode: bool = True):
         for module, flag in flags:
             module.training = flag
         with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+            for buffer, value in saved:
+                buffer.copy_(value)
