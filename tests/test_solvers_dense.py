@@ -141,7 +141,14 @@ def test_hutchinson_is_exact_on_diagonal_and_unbiased_with_the_right_stderr():
     assert result.stderr == pytest.approx(sd / math.sqrt(n_probes), rel=0.15)
     assert abs(result.estimate - float(ev.sum())) < 4 * result.stderr
     lo, hi = result.ci95
-    assert lo < result.estimate < hi and hi - lo == pytest.approx(2 * 1.96 * result.stderr)
+    # the Student-t interval with n - 1 degrees of freedom, not 1.96 whatever n
+    from scipy import stats
+
+    t = float(stats.t.ppf(0.975, n_probes - 1))
+    assert lo < result.estimate < hi and hi - lo == pytest.approx(2 * t * result.stderr)
+    small = hutchinson(A, 5, seed=1)
+    width = small.ci95[1] - small.ci95[0]
+    assert width == pytest.approx(2 * 2.776445 * small.stderr, rel=1e-5)  # t_{4, 0.975}
 
 
 def test_hutchinson_confidence_interval_covers_the_trace_about_95_percent():
@@ -151,6 +158,19 @@ def test_hutchinson_confidence_interval_covers_the_trace_about_95_percent():
         for s in range(100)
     ]
     assert 85 <= sum(covered) <= 100
+
+
+def test_hutchpp_is_exact_when_its_budget_covers_a_rank_deficient_operator():
+    """A third of the products >= dim: the trace exactly, with zero error, even where a
+    random sketch of a low-rank operator cannot span the space."""
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(8, 2, generator=gen, dtype=F64)
+    A = B @ B.T - torch.diag(torch.linspace(0, 1, 8, dtype=F64))  # indefinite, rank-rich
+    low = B @ B.T  # rank 2
+    for M in (A, low):
+        r = hutchpp(M, n_hvps=24, seed=3)
+        assert r.estimate == pytest.approx(float(torch.trace(M)), rel=1e-12, abs=1e-12)
+        assert r.stderr == 0.0 and r.ci95 == (r.estimate, r.estimate) and r.hvps == 8
 
 
 def test_hutchpp_exact_when_sketch_spans_space_and_better_on_dominant_spectra():

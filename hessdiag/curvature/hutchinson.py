@@ -8,7 +8,6 @@ error their standard deviation over ``sqrt(n_probes)``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from hessdiag.curvature.linear import (
     rademacher,
 )
 from hessdiag.curvature.results import TraceResult
+from hessdiag.curvature.stats import mean_interval
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -63,13 +63,12 @@ def hutchinson(
 
 def trace_result(samples: np.ndarray, method: str, counter: Counter, seed: int | None,
                  settings: dict, offset: float = 0.0) -> TraceResult:
-    n = len(samples)
-    stderr = float(samples.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    mean, stderr, _, _ = mean_interval(samples)
     return TraceResult(
-        estimate=offset + float(samples.mean()),
-        stderr=stderr,
+        estimate=offset + (mean if len(samples) else 0.0),
+        stderr=stderr if len(samples) else 0.0,
         method=method,
-        n_probes=n,
+        n_probes=len(samples),
         hvps=counter.hvps,
         seconds=counter.seconds,
         seed=seed,

@@ -58,6 +58,14 @@ def hutchpp(
     sketch = n_hvps // 3
     probes = n_hvps - 2 * sketch
     counter = Counter(op, progress, n_hvps)
+    if n <= sketch:
+        # the budget covers the whole space: the trace exactly, from n products with the
+        # unit vectors (a random sketch of a rank-deficient operator would miss part of it)
+        eye = torch.eye(n, dtype=info.dtype, device=info.device)
+        exact = sum(float(counter(eye[:, j])[j]) for j in range(n))
+        return trace_result(np.zeros(0), "hutch++", counter, seed,
+                            {"n_hvps": n_hvps, "sketch": n, "probes": 0,
+                             "low_rank_trace": exact, "exact": True}, offset=exact)
 
     S = rademacher(n, min(sketch, n), gen, info)
     HS = torch.stack([counter(S[:, j]) for j in range(S.shape[1])], dim=1)
