@@ -241,3 +241,20 @@ def test_solver_arguments_are_checked(call, message):
     A, _ = with_spectrum(SPECTRA["separated"])
     with pytest.raises(ValueError, match=message):
         call(A)
+
+
+@pytest.mark.parametrize("top", [[10.0, 10.0, 9.0, 5.0, 4.8], [10.0, 10.0, 10.0, 9.0, 5.0]])
+@pytest.mark.parametrize("dim", [30, 100])
+def test_lanczos_returns_every_copy_of_a_repeated_top_eigenvalue(top, dim):
+    """Multiplicities 2 and 3 at the top, the default block size: the returned top-5 is
+    the true top-5 (a missed copy would leave a smaller eigenvalue in the set, itself a
+    true eigenpair with a small residual, so only the values tell)."""
+    import numpy as np
+
+    spectrum = top + list(np.linspace(-1.0, 4.5, dim - 5))
+    for seed in range(5):
+        A, ev = with_spectrum(spectrum, seed=seed)
+        result = lanczos(A, k=5, seed=seed)
+        truth = torch.sort(ev, descending=True).values[:5].numpy()
+        np.testing.assert_allclose(result.eigenvalues, truth, rtol=1e-8)
+        assert result.converged.all()

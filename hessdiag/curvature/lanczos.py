@@ -14,8 +14,11 @@ compressed to the best Ritz vectors, ``V <- V S``, ``W <- W S``, and the Krylov
 recurrence continues from the last residual direction.
 
 A single starting vector sees one copy of an exactly repeated eigenvalue only (its
-Krylov space meets each eigenspace in one direction); ``block_size=b`` starts from
-``b`` vectors and resolves multiplicities up to ``b``.
+Krylov space meets each eigenspace in one direction). So once the wanted pairs have
+converged, the basis is expanded a few steps (``verify``) from a fresh random direction
+orthogonal to it, and the set is accepted only if it does not change; a copy that was
+missed enters the basis there and is resolved before returning. ``block_size=b``
+starts from ``b`` vectors instead.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def lanczos(
     seed: int | None = 0,
     v0: Tensor | None = None,
     return_eigenvectors: bool = True,
+    verify: int = 2,
     progress: Progress = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest (or smallest, or both) eigenpairs of ``op``.
@@ -83,6 +87,12 @@ def lanczos(
         Starting vectors (see the module docstring).
     seed, v0:
         The random start (Gaussian, from a CPU generator), or an explicit one.
+    verify:
+        Once the wanted pairs converge, expand this many more steps from a fresh random
+        direction orthogonal to the basis, and accept only if the wanted set does not
+        change (else continue, and check again). A missed copy of a repeated eigenvalue
+        has no component in the start vector's Krylov space; this check lets it in.
+        Costs ``verify * block_size`` products per call; 0 skips it.
 
     Returns
     -------
@@ -142,6 +152,8 @@ def lanczos(
     idx = np.zeros(0, dtype=int)
     residuals = np.full(want, np.inf)
     converged = np.zeros(want, dtype=bool)
+    checked: np.ndarray | None = None  # wanted values when the multiplicity check began
+    checking = 0                       # steps of that check still to take
 
     while True:
         # expand: products of the new block, projections onto the whole basis
@@ -165,11 +177,31 @@ def lanczos(
         anorm = float(np.max(np.abs(theta))) if len(theta) else 0.0
         scale = np.maximum(np.abs(theta[idx]), floor * anorm)
         converged = residuals <= tol * scale
-        if (len(idx) == want and converged.all()) or m >= n or counter.hvps >= max_hvps:
+        if m >= n or counter.hvps >= max_hvps:
             break
+        inject = False
+        if len(idx) == want and converged.all():
+            values = np.sort(theta[idx])
+            if checked is not None and checking == 0:
+                if np.all(np.abs(values - checked) <= tol * np.sort(scale)):
+                    break  # the check found nothing new: the set is complete
+            if checked is None or (checking == 0):
+                # a missed copy of a repeated eigenvalue is invisible from the start vector's
+                # Krylov space: expand a few steps from a fresh random direction orthogonal
+                # to the basis, and accept the set only if it does not change
+                checked, checking, inject = values, verify, verify > 0
+                if not inject:
+                    break
+            else:
+                checking -= 1
+        elif checking:
+            checking -= 1
 
         # next block: the new products' components outside the basis (the Lanczos step)
         nxt = orthonormalize(new_W, V, 1e-10)
+        if inject:  # the Lanczos step and a fresh direction, as one block from now on
+            nxt = orthonormalize(torch.cat([nxt, gaussian(n, 1, gen, info)], dim=1), V, 1e-10)
+            b = nxt.shape[1]
         if nxt.shape[1] < b:  # an invariant subspace: continue from fresh random directions
             fresh = orthonormalize(gaussian(n, b - nxt.shape[1], gen, info),
                                    torch.cat([V, nxt], dim=1), 1e-10)
