@@ -41,6 +41,28 @@ from hessdiag.curvature.linear import (
 from hessdiag.curvature.results import EigenResult
 
 WHICH = ("largest", "smallest", "both")
+BREAKDOWN = 1e-10  # a new direction this small relative to its product: the space closed
+
+
+def expand(matvec: Any, V: Tensor, W: Tensor, block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One Lanczos step, the kernel shared by :func:`lanczos` and
+    :func:`hessdiag.curvature.slq`: the products ``H block``, appended to the basis ``V``
+    and its products ``W = H V``. Returns ``(V, W, new products)``."""
+    new_W = torch.stack([matvec(block[:, j]) for j in range(block.shape[1])], dim=1)
+    return torch.cat([V, block], dim=1), torch.cat([W, new_W], dim=1), new_W
+
+
+def next_directions(new_W: Tensor, V: Tensor) -> Tensor:
+    """The next block: the new products' components outside the basis, orthonormalised
+    twice against all of it (full reorthogonalisation: no ghost eigenvalues); empty when
+    the Krylov space is invariant."""
+    return orthonormalize(new_W, V, BREAKDOWN)
+
+
+def projection(V: Tensor, W: Tensor) -> np.ndarray:
+    """``T = V^T H V`` from the stored products, symmetrised, in float64."""
+    T = (V.T @ W).double().cpu().numpy()
+    return 0.5 * (T + T.T)
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -157,9 +179,7 @@ def lanczos(
 
     while True:
         # expand: products of the new block, projections onto the whole basis
-        new_W = torch.stack([counter(block[:, j]) for j in range(block.shape[1])], dim=1)
-        V = torch.cat([V, block], dim=1)
-        W = torch.cat([W, new_W], dim=1)
+        V, W, new_W = expand(counter, V, W, block)
         m, b = V.shape[1], block.shape[1]
         cols = (V.T @ new_W).double().cpu().numpy()  # T[:, m-b:m]
         T_new = np.zeros((m, m))
@@ -198,7 +218,7 @@ def lanczos(
             checking -= 1
 
         # next block: the new products' components outside the basis (the Lanczos step)
-        nxt = orthonormalize(new_W, V, 1e-10)
+        nxt = next_directions(new_W, V)
         if inject:  # the Lanczos step and a fresh direction, as one block from now on
             nxt = orthonormalize(torch.cat([nxt, gaussian(n, 1, gen, info)], dim=1), V, 1e-10)
             b = nxt.shape[1]

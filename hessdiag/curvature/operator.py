@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from hessdiag._errors import first_line
+
 MODES = ("auto", "forward-over-reverse", "double-backward", "retained-graph")
 
 ParamSelector = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
@@ -438,7 +440,7 @@ class HessianOperator:
             if self.mode == "forward-over-reverse" and _lacks_forward_ad(exc):
                 raise ValueError(
                     "forward-over-reverse products need forward-mode AD, which an op of this "
-                    f"model lacks ({_first_line(exc)}); use mode='double-backward'"
+                    f"model lacks ({first_line(exc)}); use mode='double-backward'"
                 ) from exc
             raise
         if self.check_determinism:
@@ -541,10 +543,6 @@ def _lacks_forward_ad(exc: BaseException) -> bool:
         for key in ("forward ad", "forward-mode", "forward mode", "jvp", "forward_ad", "fw_grad",
                     "zerotensors are immutable")
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 @contextlib.contextmanager

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from hessdiag.curvature.quadrature import density
+from hessdiag.curvature.stats import mean_interval, t_interval
+
 
 def _floats(a: np.ndarray) -> list[float | None]:
     return [None if not math.isfinite(float(x)) else float(x) for x in np.asarray(a).ravel()]
@@ -87,8 +90,6 @@ class TraceResult:
 
     @property
     def ci95(self) -> tuple[float, float]:
-        from hessdiag.curvature.stats import t_interval
-
         return t_interval(self.estimate, self.stderr, self.n_probes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,15 +134,11 @@ class SLQResult:
 
     def trace(self) -> tuple[float, float]:
         """Trace estimate ``dim * mean first moment`` and its standard error over probes."""
-        from hessdiag.curvature.stats import mean_interval
-
         mean, stderr, _, _ = mean_interval(self.dim * self.moments(1))
         return mean, stderr
 
     def trace_ci95(self) -> tuple[float, float]:
         """The 95% Student-t interval of :meth:`trace` over the probes."""
-        from hessdiag.curvature.stats import mean_interval
-
         return mean_interval(self.dim * self.moments(1))[2:]
 
     def default_sigma(self) -> float:
@@ -157,8 +154,6 @@ class SLQResult:
         self, grid: np.ndarray | None = None, sigma: float | None = None
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """``(grid, density, sigma)``; see :func:`hessdiag.curvature.density`."""
-        from hessdiag.curvature.slq import density
-
         sigma = self.default_sigma() if sigma is None else float(sigma)
         grid = self.default_grid(sigma) if grid is None else np.asarray(grid, dtype=float)
         return grid, density(self.nodes, self.weights, grid, sigma), sigma

@@ -21,9 +21,9 @@ import math
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from hessdiag.curvature.lanczos import expand, next_directions, projection
 from hessdiag.curvature.linear import (
     Counter,
     Progress,
@@ -32,7 +32,10 @@ from hessdiag.curvature.linear import (
     operator_info,
     rademacher,
 )
+from hessdiag.curvature.quadrature import density
 from hessdiag.curvature.results import SLQResult
+
+__all__ = ["density", "krylov_projection", "slq"]
 
 
 def slq(
@@ -58,10 +61,8 @@ def slq(
     nodes = np.full((n_probes, m), np.nan)
     weights = np.zeros((n_probes, m))
     for p in range(n_probes):
-        v = rademacher(n, 1, gen, info)[:, 0]
-        alpha, beta = lanczos_tridiagonal(counter, v / math.sqrt(n), m)
-        T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
-        theta, S = np.linalg.eigh(T)
+        v = rademacher(n, 1, gen, info) / math.sqrt(n)
+        theta, S = np.linalg.eigh(krylov_projection(counter, v, m))
         nodes[p, : len(theta)] = theta
         weights[p, : len(theta)] = S[0, :] ** 2
     return SLQResult(
@@ -77,46 +78,18 @@ def slq(
     )
 
 
-def lanczos_tridiagonal(matvec, v: Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``alpha`` (diagonal) and ``beta`` (off-diagonal) of ``steps`` Lanczos steps from the
-    unit vector ``v``, with full reorthogonalisation; stops early if the Krylov space closes."""
-    n = v.shape[0]
-    basis = torch.empty(n, steps, dtype=v.dtype, device=v.device)
-    alpha: list[float] = []
-    beta: list[float] = []
-    q = v / torch.linalg.vector_norm(v)
-    eps = torch.finfo(v.dtype).eps
-    anorm = 0.0
-    for j in range(steps):
-        basis[:, j] = q
-        w = matvec(q)
-        a = float(q @ w)
-        alpha.append(a)
-        Q = basis[:, : j + 1]
-        for _ in range(2):
-            w = w - Q @ (Q.T @ w)
-        b = float(torch.linalg.vector_norm(w))
-        anorm = max(anorm, abs(a), b)
-        if j == steps - 1 or b <= 100 * eps * anorm:  # the Krylov space is invariant
+def krylov_projection(matvec: Any, v: Tensor, steps: int) -> np.ndarray:
+    """``T = V^T H V`` for the Krylov basis ``V`` of ``steps`` Lanczos steps from the unit
+    column ``v`` (:func:`hessdiag.curvature.lanczos.expand`, full reorthogonalisation;
+    fewer steps if the Krylov space closes). ``V``'s first column is ``v``, so the
+    eigenvectors' first components give the quadrature weights."""
+    V = W = v[:, :0]
+    block = v
+    for _ in range(steps):
+        V, W, new_W = expand(matvec, V, W, block)
+        if V.shape[1] == steps:
             break
-        beta.append(b)
-        q = w / b
-    return np.array(alpha), np.array(beta[: len(alpha) - 1])
-
-
-def density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
-    """Average over probes of ``sum_j w_j N(t; theta_j, sigma^2)`` on ``grid``.
-
-    Integrates to 1 over a grid that extends a few ``sigma`` past the extreme nodes.
-    """
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive; got {sigma}")
-    nodes = np.atleast_2d(nodes)
-    weights = np.atleast_2d(weights)
-    grid = np.asarray(grid, dtype=float)
-    ok = np.isfinite(nodes) & (weights > 0)
-    t = nodes[ok][None, :]
-    w = weights[ok][None, :]
-    z = (grid[:, None] - t) / sigma
-    phi = (w * np.exp(-0.5 * z**2)).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
-    return phi / nodes.shape[0]
+        block = next_directions(new_W, V)
+        if block.shape[1] == 0:  # the Krylov space is invariant
+            break
+    return projection(V, W)
