@@ -1,0 +1,11 @@
+"""Experiments that regenerate the numbers and pages of the documentation.
+
+``python -m hessdiag.experiments NAME [--quick] [--out DIR]``; each experiment is a module
+with ``run(out, quick=False, progress=None)`` returning the page it wrote.
+"""
+
+from hessdiag.experiments import eigensam_digits
+
+EXPERIMENTS = {eigensam_digits.NAME: eigensam_digits}
+
+__all__ = ["EXPERIMENTS"]
