@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hessdiag._errors import first_line
+from hessdiag._tensors import to_device
 
 MODES = ("auto", "forward-over-reverse", "double-backward", "retained-graph")
 
@@ -208,7 +209,7 @@ class HessianOperator:
             for n, p in selected.items()
         }
         self.fixed = {
-            n: _cast(t.detach(), self.device, self.dtype).clone()
+            n: to_device(t.detach(), self.device, self.dtype).clone()
             for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if n not in selected
         }
@@ -301,7 +302,7 @@ class HessianOperator:
             inputs, targets = batch[0], batch[1]
             n = self._batch_size_fn(inputs, targets)
             count += 1
-            yield _cast(inputs, self.device, self.dtype), targets.to(self.device), n
+            yield to_device(inputs, self.device, self.dtype), targets.to(self.device), n
         if count == 0:
             raise ValueError("no batches: the data is empty, so there is no loss to differentiate")
 
@@ -509,18 +510,6 @@ class HessianOperator:
             "train_mode": self.train_mode,
             "hvps": self.hvp_count,
         }
-
-
-def _cast(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    if isinstance(obj, Tensor):
-        if obj.is_floating_point():
-            return obj.to(device=device, dtype=dtype)
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _cast(v, device, dtype) for k, v in obj.items()}
-    if isinstance(obj, tuple | list):
-        return type(obj)(_cast(v, device, dtype) for v in obj)
-    return obj
 
 
 def _math_attention():

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 
 from hessdiag._errors import InputError, first_line
+from hessdiag._tensors import to_device
 from hessdiag.data.registry import DataInfo, batch_samples
 
 MEMORY_LIMIT = 1 << 29  # bytes of fixed batches kept in memory
@@ -89,20 +90,6 @@ def random_minibatches(info: DataInfo, count: int, batch_size: int,
     order = torch.cat([torch.randperm(n, generator=gen)
                        for _ in range(math.ceil(count * batch_size / n))])
     return [batch_of(info, order[b * batch_size:(b + 1) * batch_size]) for b in range(count)]
-
-
-def to_device(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
-    """``obj``'s tensors on ``device`` (floating-point ones cast to ``dtype`` if given),
-    through tuples, lists and dicts."""
-    if isinstance(obj, Tensor):
-        if dtype is not None and obj.is_floating_point():
-            return obj.to(device=device, dtype=dtype)
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device, dtype) for k, v in obj.items()}
-    if isinstance(obj, tuple | list):
-        return type(obj)(to_device(v, device, dtype) for v in obj)
-    return obj
 
 
 __all__ = ["MEMORY_LIMIT", "batch_of", "batch_samples", "collate", "fixed_batches",
