@@ -5,19 +5,42 @@
 * :func:`alignment_row`: ``|cos(e, v)|`` and the signed cosine of a perturbation ``e``;
 * :func:`training_gradient`: a minibatch gradient as training takes it, leaving the model
   as it was;
-* :class:`AlignmentProbe`: both inside a user's training loop, logged to the store.
+* :class:`AlignmentProbe`: both inside a user's training loop, logged to the store;
+* :func:`compute_spectrum`: the spectrum of one Hessian (``hessdiag spectrum``,
+  ``hessdiag check``);
+* :func:`measure_alignment`: the alignment of perturbations with the top eigenvector,
+  averaged over minibatches (``hessdiag align``, ``hessdiag check``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessdiag.curvature import HessianOperator, lanczos, preserved_state
+from hessdiag._errors import InputError
+from hessdiag.curvature import (
+    HessianOperator,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    power_iteration,
+    preserved_state,
+    slq,
+)
+from hessdiag.curvature.linear import Progress
+from hessdiag.curvature.stats import mean_interval
+from hessdiag.data import to_device
+from hessdiag.optim import perturbation
+from hessdiag.results import AlignmentResult, LayerSharpness, SpectrumResult
+from hessdiag.runtime import resolve_device, resolve_dtype
+from hessdiag.settings import RULES, SpectrumSettings
 from hessdiag.task import call_model
 
 
@@ -135,3 +158,152 @@ class AlignmentProbe:
         return row
 
 
+
+
+# --------------------------------------------------------------------------- spectra
+
+
+def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
+                     settings: SpectrumSettings | None = None, *,
+                     progress: Progress = None) -> SpectrumResult:
+    """Analyse the Hessian of ``loss_fn`` (the mean over ``data``'s samples, or terms: a
+    :class:`hessdiag.losses.Loss` weights batches by its count) at the model's weights."""
+    s = settings or SpectrumSettings()
+    start = time.perf_counter()
+    weight = getattr(loss_fn, "batch_weight", None)
+    dtype, device = resolve_dtype(s.dtype), resolve_device(s.device)
+    op = HessianOperator(model, loss_fn, data, params=s.params, dtype=dtype, device=device,
+                         mode=s.hvp_mode, batch_size_fn=weight)
+    if s.method == "lanczos":
+        top = lanczos(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress)
+    else:
+        top = power_iteration(op, k=s.top_k, tol=s.tol, seed=s.seed, progress=progress)
+    bottom = (lanczos(op, k=1, which="smallest", tol=s.tol, seed=s.seed + 1, progress=progress)
+              if s.lambda_min else None)
+    estimator = hutchpp if s.trace_method == "hutch++" else hutchinson
+    trace = (estimator(op, s.trace_hvps, seed=s.seed + 2, progress=progress)
+             if s.trace or s.per_layer else None)
+    density = (slq(op, s.slq_probes, s.slq_steps, seed=s.seed + 3, progress=progress)
+               if s.density else None)
+    hvps = op.hvp_count
+    layers: tuple[LayerSharpness, ...] = ()
+    if s.per_layer:
+        layers = tuple(_layer(model, loss_fn, data, s, names, name, op.mode, progress)
+                       for name, names in parameterised_modules(model, op.param_names))
+        hvps += sum(layer.top.hvps + (layer.trace.hvps if layer.trace else 0)
+                    for layer in layers)
+    return SpectrumResult(
+        top=top, bottom=bottom, trace=trace, density=density, operator=op.describe(),
+        hvps=hvps, seconds=time.perf_counter() - start, seed=s.seed,
+        settings={**asdict(s), "tol": top.tol}, layers=layers,
+    )
+
+
+def parameterised_modules(model: nn.Module, selected: list[str]) -> list[tuple[str, list[str]]]:
+    """``(module name, its selected parameter names)`` for each module holding selected
+    parameters directly, in the model's order."""
+    chosen = set(selected)
+    out = []
+    for name, module in model.named_modules():
+        names = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        names = [n for n in names if n in chosen]
+        if names:
+            out.append((name or "(root)", names))
+    return out
+
+
+def _layer(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings, names: list[str],
+           name: str, mode: str | None, progress: Progress) -> LayerSharpness:
+    """Top eigenvalue and trace of one module's diagonal Hessian block."""
+    op = HessianOperator(model, loss_fn, data, params=names, dtype=resolve_dtype(s.dtype),
+                         device=resolve_device(s.device), mode=mode or s.hvp_mode,
+                         check_determinism=False,
+                         batch_size_fn=getattr(loss_fn, "batch_weight", None))
+    top = lanczos(op, k=1, which="largest", tol=s.tol, seed=s.seed, progress=progress)
+    estimator = hutchpp if s.trace_method == "hutch++" else hutchinson
+    trace = estimator(op, s.trace_hvps, seed=s.seed + 2, progress=progress)
+    return LayerSharpness(name=name, params=tuple(names), dim=op.dim, top=top, trace=trace)
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def _ci95(values: list[float]) -> tuple[float, tuple[float, float]]:
+    mean, _, lo, hi = mean_interval(np.asarray(values, dtype=float))
+    return float(mean), (float(lo), float(hi))
+
+
+def measure_alignment(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    measure_batches: Any,
+    minibatches: Iterable[tuple[Any, Any]],
+    *,
+    rule: str = "sam",
+    alpha: float = 0.2,
+    eigenvector: Tensor | None = None,
+    top_k: int = 1,
+    tol: float = 1e-3,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> AlignmentResult:
+    """Top eigenvector(s) of the Hessian over ``measure_batches`` (Lanczos), then the
+    cosine between each minibatch's perturbation and the top eigenvector.
+
+    ``eigenvector``: for ``rule="eigensam"``, the optimizer's estimate ``u`` (flat, in the
+    order of the model's trainable parameters)."""
+    if rule not in RULES:
+        raise InputError(f"rule must be one of {', '.join(RULES)}; got {rule!r}", param="rule")
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1; got {top_k}", param="top_k")
+    if rule == "eigensam" and eigenvector is None:
+        raise InputError("rule eigensam measures the optimizer's own eigenvector, and none "
+                         "was given (a checkpoint of an Eigen-SAM run holds it); use rule "
+                         "eigensam-exact for the exact top eigenvector", param="rule")
+    start = time.perf_counter()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    op = HessianOperator(model, loss_fn, measure_batches, device=device,
+                         batch_size_fn=getattr(loss_fn, "batch_weight", None))
+    top = lanczos(op, k=top_k, tol=tol, seed=seed, progress=progress)
+    V = top.eigenvectors
+    v = V[:, 0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = torch.cat([p.detach().reshape(-1) for p in params]).to(v)
+    u = {"eigensam": None if eigenvector is None else eigenvector.to(v),
+         "eigensam-exact": v}.get(rule)
+    if u is not None and u.shape != v.shape:
+        raise InputError(f"the optimizer's eigenvector has {u.numel()} entries but the model "
+                         f"has {v.numel()} trainable parameters: not this model's",
+                         param="rule")
+    base = "eigensam" if rule.startswith("eigensam") else rule
+    cosines, shares = [], []
+    for x, y in minibatches:
+        x, y = to_device(x, device), to_device(y, device)
+        g = training_gradient(model, params, loss_fn, x, y).to(v)
+        (e,) = perturbation(base, [g], rho=1.0, params=[w], eigenvector=None if u is None
+                            else [u], alpha=alpha)
+        norm = float(torch.linalg.vector_norm(e))
+        if norm == 0:
+            continue  # a zero gradient has no direction
+        cosines.append(float(e @ v) / norm)
+        if top_k > 1:
+            shares.append(float(torch.linalg.vector_norm(V.T @ e) ** 2) / norm**2)
+    if not cosines:
+        raise InputError("no minibatch gave a non-zero gradient: nothing to align",
+                         param="data")
+    cos = np.array(cosines)
+    a, a_ci = _ci95(list(np.abs(cos)))
+    signed, s_ci = _ci95(cosines)
+    share = share_ci = None
+    if shares:
+        share, share_ci = _ci95(shares)
+    return AlignmentResult(
+        alignment=a, ci95=a_ci, alignment_signed=signed, ci95_signed=s_ci,
+        cosines=cos, batches=len(cos), top_k=top_k, topk_share=share,
+        topk_share_ci95=share_ci, eigenvalues=top.eigenvalues, residuals=top.residuals,
+        converged=top.converged, rule=rule, alpha=alpha, hvps=op.hvp_count,
+        seconds=time.perf_counter() - start, seed=seed,
+        settings={"tol": tol, "hvp_mode": op.mode, "measure_samples": op.n_samples},
+    )
