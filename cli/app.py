@@ -527,6 +527,128 @@ def align(
         render.stderr.print(f"stopped; {len(seen)} checkpoints measured")
 
 
+CHECK_METRIC_OPTION = typer.Option(None, "--metric", help="lambda_max, lambda_min, "
+                                   "lambda_ratio, trace or top_k (repeat the option; "
+                                   "default: lambda_max and trace).")
+
+
+@app.command()
+@handles_errors
+def baseline(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint whose sharpness is the "
+                                      "reference."),
+    output: Path = typer.Option(Path("sharpness-baseline.json"), "-o", "--output",
+                                help="The baseline file to write."),
+    metric: list[str] | None = CHECK_METRIC_OPTION,
+    model: str | None = MODEL_OPTION,
+    data: str | None = DATA_OPTION,
+    loss: str | None = LOSS_OPTION,
+    data_root: Path | None = DATA_ROOT_OPTION,
+    samples: int | None = typer.Option(DATA.samples, "--samples", help="The first N "
+                                       "samples (default: all)."),
+    batch_size: int = typer.Option(DATA.batch_size, "--batch-size", help="Samples per "
+                                   "batch."),
+    top_k: int = typer.Option(SPECTRUM.top_k, "--top-k", help="Eigenvalues of top_k."),
+    trace_hvps: int = typer.Option(SPECTRUM.trace_hvps, "--trace-hvps", help="Products "
+                                   "for the trace."),
+    tol: float | None = typer.Option(SPECTRUM.tol, "--tol", help="Relative residual "
+                                     "tolerance (default by dtype)."),
+    hvp_mode: str = typer.Option(SPECTRUM.hvp_mode, "--hvp-mode", help=_choices(HVP_MODES)
+                                 + "."),
+    dtype: str = typer.Option(SPECTRUM.dtype, "--dtype", help=_choices(DTYPES) + "."),
+    device: str = typer.Option(SPECTRUM.device, "--device", help="auto, cpu, cuda, cuda:N or "
+                               "mps."),
+    seed: int = typer.Option(SPECTRUM.seed, "--seed", help="Seed of every random start and "
+                             "probe."),
+    as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Record sharpness metrics of a checkpoint, with every setting that produced them,
+    as the baseline `hessdiag check` compares with."""
+    from hessdiag.check import DEFAULT_METRICS, make_baseline, write_baseline
+
+    settings = SpectrumSettings(top_k=top_k, trace_hvps=trace_hvps, tol=tol,
+                                hvp_mode=hvp_mode, dtype=dtype, device=device, seed=seed)
+    data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
+                                 samples=samples, batch_size=batch_size)
+    made = with_progress(not quiet and not as_json, checkpoint.name, lambda progress:
+                         make_baseline(str(checkpoint), metrics=tuple(metric or DEFAULT_METRICS),
+                                       settings=settings, data=data_settings, model_spec=model,
+                                       loss=loss, progress=progress))
+    path = write_baseline(made, output)
+    if as_json:
+        render.emit_json({"baseline": str(path), **made.to_json()})
+        return
+    render.stdout.print(render.baseline_table(made, str(path)))
+
+
+@app.command()
+@handles_errors
+def check(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint to check."),
+    baseline_source: str | None = typer.Option(None, "--baseline", help="A file written by "
+                                               "`hessdiag baseline`, or STORE:ANALYSIS_ID."),
+    metric: list[str] | None = typer.Option(None, "--metric", help="Check only these of "
+                                            "the baseline's metrics (repeat the option)."),
+    rtol: float = typer.Option(0.1, "--rtol", help="Allowed relative increase beyond the "
+                               "measurements' noise."),
+    max_lambda: float | None = typer.Option(None, "--max-lambda", help="Absolute limit on "
+                                            "lambda_max."),
+    max_trace: float | None = typer.Option(None, "--max-trace", help="Absolute limit on the "
+                                           "trace."),
+    max_ratio: float | None = typer.Option(None, "--max-ratio", help="Absolute limit on "
+                                           "lambda_max / |lambda_min|."),
+    seed: int | None = typer.Option(None, "--seed", help="Override the baseline's seed."),
+    junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML here (one test "
+                                      "case per metric)."),
+    store: Path | None = typer.Option(None, "--store", help="Also append the measurement "
+                                      "to this store."),
+    model: str | None = MODEL_OPTION,
+    data: str | None = DATA_OPTION,
+    loss: str | None = LOSS_OPTION,
+    as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Fail (exit 1) when a checkpoint is sharper than its baseline beyond --rtol and the
+    measurements' noise, or above an absolute limit; exit 0 when it is not."""
+    import os
+
+    from hessdiag.check import check as run_check
+    from hessdiag.check import junit_xml, read_baseline
+    from hessdiag.store import Store
+
+    base = None if baseline_source is None else read_baseline(baseline_source,
+                                                               tuple(metric or ()))
+    target = None
+    if store is not None:
+        target = Store(store)
+        target.check_writable()
+    data_settings = DataSettings(spec=data) if base is None else None
+    result = with_progress(not quiet and not as_json, checkpoint.name, lambda progress:
+                           run_check(str(checkpoint), baseline=base, rtol=rtol,
+                                     metrics=tuple(metric) if metric else None,
+                                     max_lambda=max_lambda, max_trace=max_trace,
+                                     max_ratio=max_ratio, data=data_settings,
+                                     model_spec=model, loss=loss, seed=seed, store=target,
+                                     progress=progress))
+    if junit is not None:
+        junit.write_text(junit_xml(result, str(checkpoint)))
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        for row in result.rows:
+            if not row.passed:
+                sys.stdout.write(f"::error title=hessdiag check::{checkpoint}: {row.metric} "
+                                 f"{row.now:.6g} above its limit {row.limit:.6g} (baseline "
+                                 f"{row.baseline}, noise {row.noise:.3g})\n")
+    if as_json:
+        render.emit_json({"checkpoint": str(checkpoint), **result.to_dict()})
+    else:
+        render.stdout.print(render.check_table(result, str(checkpoint)))
+    if not result.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
 @app.command()
 @handles_errors
 def show(

@@ -245,3 +245,41 @@ def alignments_table(rows: list[dict[str, Any]], title: str) -> Table:
                       str(r["alignment_batches"]), fmt(r["lambda_max"], 5),
                       fmt(r["seconds"], 3))
     return table
+
+
+def baseline_table(baseline, path: str) -> Table:
+    table = Table(title=f"baseline {path}", title_justify="left")
+    for name in ("metric", "value", "error"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for name, entry in baseline.metrics.items():
+        values = entry["value"] if isinstance(entry["value"], list) else [entry["value"]]
+        errors = entry.get("residual", entry.get("stderr"))
+        errors = errors if isinstance(errors, list) else [errors] * len(values)
+        kind = "± s.e." if entry["kind"] == "stochastic" else "res"
+        for i, (value, error) in enumerate(zip(values, errors, strict=True)):
+            label = name if len(values) == 1 else f"lambda_{i + 1}"
+            table.add_row(label, fmt(value, 6), f"{kind} {fmt(error, 2)}")
+    task = baseline.task
+    table.caption = (f"{task['model']} on {task['data']} ({task['split']}, {task['samples']} "
+                     f"samples), loss {task['loss']}; seed {baseline.settings.seed}, "
+                     f"{baseline.settings.dtype}, tol {baseline.settings.tol or 'by dtype'}")
+    table.caption_justify = "left"
+    return table
+
+
+def check_table(result, checkpoint: str) -> Table:
+    verdict = "[green]pass[/green]" if result.passed else "[bold red]SHARPER[/bold red]"
+    table = Table(title=f"hessdiag check {checkpoint}: {verdict}", title_justify="left")
+    for name in ("metric", "baseline", "now", "change", "limit", "noise", "verdict"):
+        table.add_column(name, justify="left" if name in ("metric", "verdict") else "right")
+    for row in result.rows:
+        change = "-" if row.change is None else f"{row.change:+.1%}"
+        table.add_row(row.metric, fmt(row.baseline, 6), fmt(row.now, 6), change,
+                      fmt(row.limit, 6), fmt(row.noise, 2),
+                      "pass" if row.passed else "[bold red]sharper[/bold red]")
+    table.caption = (f"baseline {result.baseline_source or '(absolute limits only)'}; rtol "
+                     f"{result.rtol:g}; noise: residuals of eigenvalues, 1.645 combined s.e. "
+                     f"of stochastic metrics; {result.result.hvps} HVPs in "
+                     f"{result.result.seconds:.1f} s")
+    table.caption_justify = "left"
+    return table

@@ -1,0 +1,425 @@
+"""The check workflow: fail a build when a model got sharper than its baseline.
+
+A **baseline** (:func:`make_baseline`, ``hessdiag baseline``) records sharpness metrics of a
+checkpoint with everything that produced them: the task (model, data, loss, samples), the
+spectrum settings (seed, solver, tolerance, HVP mode, dtype) and the versions. It is a
+JSON file, or a spectrum analysis already in a store (``STORE:ANALYSIS_ID``).
+
+:func:`check` measures a checkpoint again with the baseline's own settings and compares
+each metric with a limit. For a metric where larger is sharper:
+
+    limit = baseline * (1 + rtol) + noise
+
+and the check fails when ``now > limit``. ``noise`` folds in what the two measurements
+cannot resolve: for eigenvalues (deterministic given the tolerance) the sum of the two
+residual norms ``||H u - theta u||``, which bound each Ritz value's distance to an
+eigenvalue; for the trace (stochastic) ``z * sqrt(se_base^2 + se_now^2)`` with
+``z = 1.645``, the one-sided 95% quantile, so a change counts only when it exceeds
+``rtol`` beyond the estimators' noise at 95% confidence. ``lambda_min`` compares the
+magnitude of the most negative eigenvalue, ``lambda_ratio`` the ratio
+``lambda_max / |lambda_min|`` with the residuals propagated. Absolute limits
+(``max_lambda``, ``max_trace``, ``max_ratio``) apply with or without a baseline.
+
+A baseline whose settings cannot be reproduced (another model, data, loss, split or
+number of samples) is bad input, never a silent comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hessdiag._errors import InputError
+from hessdiag.measures import compute_spectrum
+from hessdiag.records import provenance, read_spectrum
+from hessdiag.results import SpectrumResult
+from hessdiag.runtime import versions
+from hessdiag.settings import DataSettings, SpectrumSettings
+from hessdiag.store import Store, now
+from hessdiag.task import Task, load_task
+
+FORMAT = "hessdiag-baseline"
+SCHEMA_VERSION = 1
+METRICS = ("lambda_max", "lambda_min", "lambda_ratio", "trace", "top_k")
+DEFAULT_METRICS = ("lambda_max", "trace")
+Z_ONE_SIDED_95 = 1.6448536269514722
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Metrics of a checkpoint and everything needed to measure them again."""
+
+    metrics: dict[str, Any]
+    task: dict[str, Any]
+    data: DataSettings
+    settings: SpectrumSettings
+    checkpoint: dict[str, Any]
+    created: str
+    versions: dict[str, Any]
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created": self.created,
+                "versions": self.versions, "checkpoint": self.checkpoint, "task": self.task,
+                "data": asdict(self.data), "settings": asdict(self.settings),
+                "metrics": self.metrics}
+
+
+@dataclass(frozen=True)
+class MetricCheck:
+    """One row of a check: the metric, its values, the limit and the verdict."""
+
+    metric: str
+    baseline: float | None
+    now: float
+    limit: float | None
+    noise: float
+    passed: bool
+    reason: str
+
+    @property
+    def change(self) -> float | None:
+        if self.baseline is None or self.baseline == 0:
+            return None
+        return self.now / self.baseline - 1
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The rows of a check and the measurement behind them."""
+
+    rows: tuple[MetricCheck, ...]
+    result: SpectrumResult
+    baseline_source: str | None
+    rtol: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "baseline": self.baseline_source, "rtol": self.rtol,
+                "metrics": [{**asdict(row), "change": row.change} for row in self.rows],
+                "settings": self.settings}
+
+    def table(self) -> str:
+        """The rows as plain text (for JUnit messages, assertions and logs)."""
+        head = ("metric", "baseline", "now", "change", "limit", "noise", "verdict")
+        lines = [head]
+        for r in self.rows:
+            lines.append((r.metric, _fmt(r.baseline), _fmt(r.now),
+                          "-" if r.change is None else f"{r.change:+.1%}", _fmt(r.limit),
+                          _fmt(r.noise), ("pass" if r.passed else "SHARPER") +
+                          (f" ({r.reason})" if r.reason else "")))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True))
+                         .rstrip() for line in lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.6g}"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _settings_for(metrics: tuple[str, ...], settings: SpectrumSettings) -> SpectrumSettings:
+    """What the metrics need computed."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise InputError(f"metric must be among {', '.join(METRICS)}; got {unknown[0]!r}",
+                         param="metric")
+    if not metrics:
+        raise InputError("metric: give at least one metric", param="metric")
+    needs_min = any(m in ("lambda_min", "lambda_ratio") for m in metrics)
+    return replace(settings, top_k=settings.top_k if "top_k" in metrics else 1,
+                   lambda_min=settings.lambda_min or needs_min,
+                   trace=settings.trace or "trace" in metrics, density=False,
+                   per_layer=False)
+
+
+def metric_values(result: SpectrumResult, metrics: tuple[str, ...]) -> dict[str, Any]:
+    """Each metric's value with what its noise is made of."""
+    out: dict[str, Any] = {}
+    top, bottom = result.top, result.bottom
+    for metric in metrics:
+        if metric == "lambda_max":
+            out[metric] = {"value": result.lambda_max, "residual": float(top.residuals[0]),
+                           "kind": "eigenvalue"}
+        elif metric == "top_k":
+            out[metric] = {"value": [float(v) for v in top.eigenvalues],
+                           "residual": [float(r) for r in top.residuals], "kind": "eigenvalue"}
+        elif metric == "lambda_min":
+            out[metric] = {"value": float(bottom.eigenvalues[0]),
+                           "residual": float(bottom.residuals[0]), "kind": "eigenvalue"}
+        elif metric == "lambda_ratio":
+            ratio = result.lambda_ratio
+            rel = (float(top.residuals[0]) / max(abs(result.lambda_max), 1e-300)
+                   + float(bottom.residuals[0]) / max(abs(result.lambda_min), 1e-300))
+            out[metric] = {"value": ratio, "residual": abs(ratio) * rel, "kind": "ratio"}
+        elif metric == "trace":
+            out[metric] = {"value": result.trace.estimate, "stderr": result.trace.stderr,
+                           "n": result.trace.n_probes, "kind": "stochastic"}
+    return out
+
+
+def _noise(base: dict[str, Any], now: dict[str, Any], i: int | None = None) -> float:
+    def pick(entry: dict[str, Any], key: str) -> float:
+        value = entry[key]
+        return float(value[i]) if i is not None else float(value)
+
+    if base["kind"] == "stochastic":
+        return Z_ONE_SIDED_95 * math.hypot(pick(base, "stderr"), pick(now, "stderr"))
+    return pick(base, "residual") + pick(now, "residual")
+
+
+def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float
+            ) -> list[MetricCheck]:
+    """Rows comparing ``measured`` with baseline ``metrics`` (see the module docstring)."""
+    rows = []
+    for name, base in metrics.items():
+        now = measured[name]
+        values = base["value"] if isinstance(base["value"], list) else [base["value"]]
+        nows = now["value"] if isinstance(now["value"], list) else [now["value"]]
+        if len(values) != len(nows):
+            raise InputError(f"the baseline holds {len(values)} values of {name}, this "
+                             f"measurement {len(nows)}", param="baseline")
+        for i, (b, n) in enumerate(zip(values, nows, strict=True)):
+            index = i if isinstance(base["value"], list) else None
+            label = name if index is None else f"lambda_{i + 1}"
+            noise = _noise(base, now, index)
+            if name == "lambda_min":  # sharper: more negative curvature
+                limit = -(abs(b) * (1 + rtol) + noise)
+                ok = n >= limit
+            else:
+                limit = b * (1 + rtol) + noise if b >= 0 else b * (1 - rtol) + noise
+                ok = n <= limit
+            rows.append(MetricCheck(label, b, n, limit, noise, ok,
+                                    "" if ok else f"beyond rtol {rtol:g} and noise"))
+    return rows
+
+
+def _absolute(measured: dict[str, Any], limits: dict[str, float | None]) -> list[MetricCheck]:
+    rows = []
+    for metric, limit in limits.items():
+        if limit is None:
+            continue
+        if not limit > 0:
+            raise InputError(f"max_{_LIMIT_NAMES[metric]} must be positive; got {limit}",
+                             param=f"max_{_LIMIT_NAMES[metric]}")
+        now = float(measured[metric]["value"])
+        ok = now <= limit
+        rows.append(MetricCheck(f"{metric} (absolute)", None, now, limit, 0.0, ok,
+                                "" if ok else f"above max_{_LIMIT_NAMES[metric]}"))
+    return rows
+
+
+_LIMIT_NAMES = {"lambda_max": "lambda", "trace": "trace", "lambda_ratio": "ratio"}
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS,
+                  settings: SpectrumSettings | None = None, data: DataSettings | None = None,
+                  model_spec: str | None = None, loss: str | None = None,
+                  unsafe: bool = False, progress: Any = None) -> Baseline:
+    """Measure ``metrics`` of a checkpoint and record how (see the module docstring)."""
+    settings = _settings_for(tuple(metrics), settings or SpectrumSettings())
+    data = data or DataSettings()
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
+    result = compute_spectrum(task.model, task.loss, task.batches(data.batch_size), settings,
+                              progress=progress)
+    return _baseline(task, result, tuple(metrics), data, settings, f"file:{checkpoint}")
+
+
+def _baseline(task: Task, result: SpectrumResult, metrics: tuple[str, ...],
+              data: DataSettings, settings: SpectrumSettings, source: str) -> Baseline:
+    origin = provenance(task)
+    return Baseline(
+        metrics=metric_values(result, metrics), task=_task_key(task), data=data,
+        settings=settings, created=now(), versions=versions(), source=source,
+        checkpoint={"path": origin["checkpoint_path"], "sha256": origin["checkpoint_sha256"],
+                    "step": None if origin["step"] == -1 else origin["step"]})
+
+
+def _task_key(task: Task) -> dict[str, Any]:
+    """What must be equal for two measurements to compare."""
+    return {"model": task.model_spec, "data": task.data.name, "split": task.data.split,
+            "loss": task.loss.spec, "samples": task.data.samples}
+
+
+def write_baseline(baseline: Baseline, path: str | Path) -> Path:
+    from hessdiag._files import replacing
+
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise InputError(f"cannot write the baseline {path}: directory {path.parent} does not "
+                         "exist", param="output")
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(baseline.to_json(), indent=1) + "\n")
+    return path
+
+
+def read_baseline(source: str, metrics: tuple[str, ...] | None = None) -> Baseline:
+    """A baseline from a JSON file, or ``STORE:ANALYSIS_ID`` (a spectrum analysis)."""
+    path = Path(source)
+    if not path.exists() and ":" in source:
+        store_path, _, analysis_id = source.rpartition(":")
+        if Path(store_path).exists():
+            return _from_store(store_path, analysis_id, metrics or DEFAULT_METRICS)
+    if not path.is_file():
+        raise InputError(f"baseline {source} does not exist (give a file written by `hessdiag "
+                         "baseline`, or STORE:ANALYSIS_ID)", param="baseline")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"baseline {source} is not valid JSON ({exc}); write it again with "
+                         "`hessdiag baseline`", param="baseline") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"baseline {source} is not a hessdiag baseline (no format "
+                         f"{FORMAT!r})", param="baseline")
+    version = payload.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise InputError(f"baseline {source} has schema version {version}, newer than this "
+                         f"hessdiag reads ({SCHEMA_VERSION}): upgrade hessdiag",
+                         param="baseline")
+    try:
+        baseline = Baseline(
+            metrics=payload["metrics"], task=payload["task"],
+            data=DataSettings(**payload["data"]), settings=SpectrumSettings(**payload["settings"]),
+            checkpoint=payload.get("checkpoint") or {}, created=payload.get("created", ""),
+            versions=payload.get("versions") or {}, source=f"file:{source}")
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"baseline {source} is corrupted (missing or unknown field: {exc}); "
+                         "write it again with `hessdiag baseline`", param="baseline") from exc
+    return _select(baseline, metrics)
+
+
+def _select(baseline: Baseline, metrics: tuple[str, ...] | None) -> Baseline:
+    if not metrics:
+        return baseline
+    missing = [m for m in metrics if m not in baseline.metrics]
+    if missing:
+        raise InputError(f"the baseline has no {missing[0]} (it holds "
+                         f"{', '.join(baseline.metrics)}); record it with `hessdiag baseline "
+                         f"--metric {missing[0]}`", param="metric")
+    return replace(baseline, metrics={m: baseline.metrics[m] for m in metrics})
+
+
+def _from_store(store_path: str, analysis_id: str, metrics: tuple[str, ...]) -> Baseline:
+    record = Store(store_path).analysis(analysis_id)
+    if record.kind != "spectrum":
+        raise InputError(f"analysis {analysis_id} is of kind {record.kind}; a baseline is a "
+                         "spectrum analysis", param="baseline")
+    result = read_spectrum(record)
+    a = record.attrs
+    known = {f for f in SpectrumSettings.__dataclass_fields__}
+    settings = SpectrumSettings(**{k: v for k, v in (a.get("settings") or {}).items()
+                                   if k in known})
+    recorded = a.get("data") or {}
+    data = DataSettings(spec=recorded.get("spec"), root=recorded.get("root"),
+                        split=recorded.get("split", "train"), samples=recorded.get("samples"),
+                        batch_size=recorded.get("batch_size") or DataSettings().batch_size)
+    _settings_for(metrics, settings)
+    have = {"lambda_max", "top_k"} | ({"lambda_min", "lambda_ratio"} if result.bottom else set()) \
+        | ({"trace"} if result.trace else set())
+    missing = [m for m in metrics if m not in have]
+    if missing:
+        raise InputError(f"analysis {analysis_id} has no {missing[0]}: choose other metrics or "
+                         "record a baseline with `hessdiag baseline`", param="metric")
+    return Baseline(
+        metrics=metric_values(result, metrics),
+        task={"model": a.get("model"), "data": recorded.get("spec"),
+              "split": recorded.get("split", "train"), "loss": a.get("loss") or "cross-entropy",
+              "samples": a.get("samples")},
+        data=data, settings=settings,
+        checkpoint={"path": a.get("checkpoint_path"), "sha256": a.get("checkpoint_sha256")},
+        created=str(a.get("created", "")), versions=a.get("versions") or {},
+        source=f"store:{store_path}:{analysis_id}")
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def check(checkpoint: str, *, baseline: Baseline | None = None,
+          metrics: tuple[str, ...] | None = None, rtol: float = 0.1,
+          max_lambda: float | None = None, max_trace: float | None = None,
+          max_ratio: float | None = None, settings: SpectrumSettings | None = None,
+          data: DataSettings | None = None, model_spec: str | None = None,
+          loss: str | None = None, seed: int | None = None, unsafe: bool = False,
+          store: Store | None = None, progress: Any = None) -> CheckResult:
+    """Measure ``checkpoint`` with the baseline's settings (or ``settings`` without a
+    baseline; ``seed`` overrides the seed) and compare (see the module docstring)."""
+    if not rtol >= 0:
+        raise InputError(f"rtol must be non-negative; got {rtol}", param="rtol")
+    limits = {"lambda_max": max_lambda, "trace": max_trace, "lambda_ratio": max_ratio}
+    if baseline is None and all(v is None for v in limits.values()):
+        raise InputError("nothing to check against: give a baseline or an absolute limit "
+                         "(max_lambda, max_trace, max_ratio)", param="baseline")
+    if baseline is not None:
+        baseline = _select(baseline, metrics)
+        wanted = tuple(baseline.metrics)
+        settings, data = baseline.settings, baseline.data
+    else:
+        wanted = ()
+        settings, data = settings or SpectrumSettings(), data or DataSettings()
+    wanted_all = tuple(dict.fromkeys(wanted + tuple(k for k, v in limits.items()
+                                                    if v is not None)))
+    if seed is not None:
+        settings = replace(settings, seed=seed)
+    settings = _settings_for(wanted_all, settings)
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
+    if baseline is not None:
+        _same_task(baseline, task, checkpoint)
+    result = compute_spectrum(task.model, task.loss, task.batches(data.batch_size), settings,
+                              progress=progress)
+    measured = metric_values(result, wanted_all)
+    rows = [] if baseline is None else compare(baseline.metrics, measured, rtol)
+    rows += _absolute(measured, limits)
+    if store is not None:
+        from hessdiag.records import write_spectrum
+
+        origin = provenance(task)
+        origin["data"] = {**origin["data"], "batch_size": data.batch_size}
+        write_spectrum(store, result, origin)
+    return CheckResult(rows=tuple(rows), result=result,
+                       baseline_source=None if baseline is None else baseline.source,
+                       rtol=rtol, settings={"spectrum": asdict(settings),
+                                            "data": asdict(data)})
+
+
+def _same_task(baseline: Baseline, task: Task, checkpoint: str) -> None:
+    now = _task_key(task)
+    for key in ("model", "data", "split", "loss", "samples"):
+        if baseline.task.get(key) != now.get(key):
+            raise InputError(f"the baseline was measured with {key} {baseline.task.get(key)!r}, "
+                             f"checkpoint {checkpoint} with {now.get(key)!r}: the settings "
+                             "cannot be reproduced, so nothing is compared (record a new "
+                             "baseline for this task)", param="baseline")
+
+
+def junit_xml(result: CheckResult, checkpoint: str) -> str:
+    """The check as JUnit XML: one test case per metric, the table in each failure."""
+    from xml.etree import ElementTree as ET
+
+    failures = sum(not row.passed for row in result.rows)
+    suite = ET.Element("testsuite", name="hessdiag check", tests=str(len(result.rows)),
+                       failures=str(failures), errors="0")
+    ET.SubElement(ET.SubElement(suite, "properties"), "property", name="checkpoint",
+                  value=checkpoint)
+    for row in result.rows:
+        case = ET.SubElement(suite, "testcase", classname="hessdiag.check", name=row.metric,
+                             time=f"{result.result.seconds:.3f}")
+        if not row.passed:
+            failure = ET.SubElement(case, "failure", message=(
+                f"{row.metric} {_fmt(row.now)} above its limit {_fmt(row.limit)} "
+                f"(baseline {_fmt(row.baseline)}, noise {_fmt(row.noise)})"), type="sharper")
+            failure.text = result.table()
+    root = ET.Element("testsuites")
+    root.append(suite)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

@@ -1,0 +1,144 @@
+"""`hessdiag baseline` and `hessdiag check`: a checkpoint passes against its own baseline,
+a sharper one fails with the table (exit 1), a baseline of another task is refused
+(exit 2), JUnit XML lists each metric with its verdict, the pytest helper fails with the
+same table, and bad input is one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from hessdiag.cli.app import app
+from typer.testing import CliRunner
+
+from hessdiag.checkpoints import load_checkpoint, save_checkpoint
+
+DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-mlp.pt"
+
+
+def run(args, env=None):
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("check")
+    baseline = tmp / "baseline.json"
+    code, out, err = run(["baseline", DEMO, "-o", baseline, "--samples", 512, "--metric",
+                          "lambda_max", "--metric", "trace", "--metric", "lambda_ratio",
+                          "--quiet"])
+    assert code == 0, err
+    # a sharper network of the same architecture: the first layer's weights scaled down
+    # (less confident outputs: lambda_max 0.62 -> 1.70 on these 512 samples)
+    loaded = load_checkpoint(DEMO)
+    with torch.no_grad():
+        loaded.model.net[1].weight.mul_(0.7)
+    sharper = tmp / "sharper.pt"
+    save_checkpoint(sharper, loaded.model, model_spec=loaded.info.model_spec,
+                    model_kwargs=loaded.info.model_kwargs, data=loaded.info.data)
+    return tmp, baseline, sharper
+
+
+def test_a_checkpoint_against_its_own_baseline_passes(files):
+    tmp, baseline, _ = files
+    saved = json.loads(baseline.read_text())
+    assert saved["task"] == {"model": "mlp", "data": "digits", "split": "train",
+                             "loss": "cross-entropy", "samples": 512}
+    assert saved["settings"]["seed"] == 0 and saved["versions"]["torch"]
+    for seed in (None, 3):
+        args = ["check", DEMO, "--baseline", baseline, "--json", "--quiet"]
+        code, out, err = run(args + ([] if seed is None else ["--seed", seed]))
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["passed"] and [m["metric"] for m in report["metrics"]] == \
+            ["lambda_max", "trace", "lambda_ratio"]
+
+
+def test_a_sharper_checkpoint_fails_with_the_table_and_junit(files):
+    tmp, baseline, sharper = files
+    junit = tmp / "junit.xml"
+    code, out, err = run(["check", sharper, "--baseline", baseline, "--junit", junit,
+                          "--quiet"], env={"GITHUB_ACTIONS": "true"})
+    assert code == 1, err
+    assert "SHARPER" in out and "lambda_max" in out and "limit" in out
+    assert "::error title=hessdiag check::" in out
+    suite = ET.parse(junit).getroot().find("testsuite")
+    cases = {c.get("name"): c for c in suite.findall("testcase")}
+    assert set(cases) == {"lambda_max", "trace", "lambda_ratio"}
+    assert cases["lambda_max"].find("failure") is not None
+    assert "baseline" in cases["lambda_max"].find("failure").text  # the table
+    assert int(suite.get("failures")) == sum(c.find("failure") is not None
+                                             for c in cases.values())
+    # the same checkpoint passes a generous absolute limit and fails a tight one
+    assert run(["check", sharper, "--max-lambda", 1e6, "--quiet"])[0] == 0
+    assert run(["check", sharper, "--max-lambda", 1e-3, "--quiet"])[0] == 1
+
+
+def test_the_pytest_helper_fails_with_the_same_table(files):
+    from hessdiag.testing import assert_not_sharper
+
+    tmp, baseline, sharper = files
+    assert assert_not_sharper(DEMO, baseline).passed
+    with pytest.raises(AssertionError, match=r"sharper than allowed:\nmetric +baseline"):
+        assert_not_sharper(sharper, baseline)
+
+
+def test_a_baseline_of_another_task_or_sample_count_is_refused(files, tmp_path):
+    tmp, baseline, _ = files
+    other = tmp_path / "other.pt"
+    from hessdiag.models import build_model
+
+    save_checkpoint(other, build_model("cnn6", in_shape=(1, 8, 8), width=2, hidden=4),
+                    model_spec="cnn6", model_kwargs={"in_shape": [1, 8, 8], "width": 2,
+                                                     "hidden": 4},
+                    data={"spec": "digits", "split": "train"})
+    code, out, err = run(["check", other, "--baseline", baseline, "--quiet"])
+    assert code == 2 and "model 'mlp'" in err and "'cnn6'" in err
+    edited = json.loads(baseline.read_text())
+    edited["task"]["samples"] = 100
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(edited))
+    code, out, err = run(["check", DEMO, "--baseline", changed, "--quiet"])
+    assert code == 2 and "samples 100" in err
+
+
+def test_a_store_analysis_is_a_baseline(tmp_path):
+    store = tmp_path / "s.h5"
+    code, out, err = run(["spectrum", DEMO, "--samples", 256, "--top-k", 2, "--trace",
+                          "--store", store, "--json", "--quiet"])
+    assert code == 0, err
+    analysis = json.loads(out)["analysis_id"]
+    code, out, err = run(["check", DEMO, "--baseline", f"{store}:{analysis}", "--json",
+                          "--quiet"])
+    assert code == 0, err
+    assert json.loads(out)["passed"]
+
+
+BAD = {
+    "missing baseline": (["--baseline", "nowhere.json"], "does not exist"),
+    "corrupt baseline": (["--baseline", "corrupt.json"], "not valid JSON"),
+    "newer schema": (["--baseline", "newer.json"], "schema version 99"),
+    "unknown metric": (["--baseline", "baseline.json", "--metric", "sharpness"],
+                       "--metric"),
+    "limit not positive": (["--max-lambda", "0"], "--max-lambda must be positive"),
+    "nothing to check": ([], "nothing to check against"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, files, tmp_path, monkeypatch):
+    tmp, baseline, _ = files
+    monkeypatch.chdir(tmp_path)
+    Path("corrupt.json").write_text("{not json")
+    newer = json.loads(baseline.read_text())
+    newer["schema_version"] = 99
+    Path("newer.json").write_text(json.dumps(newer))
+    Path("baseline.json").write_text(baseline.read_text())
+    args, message = BAD[case]
+    code, out, err = run(["check", DEMO, *args, "--quiet"])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], (case, err)
