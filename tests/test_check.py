@@ -142,3 +142,21 @@ def test_bad_input_is_one_line_and_exit_2(case, files, tmp_path, monkeypatch):
     code, out, err = run(["check", DEMO, *args, "--quiet"])
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], (case, err)
+
+
+def test_any_task_is_checked_regression_included(tmp_path):
+    from hessdiag.data import load_dataset
+    from hessdiag.task import new_task
+
+    torch.manual_seed(0)
+    task = new_task("mlp", load_dataset("tabular", samples=64), model_kwargs={"hidden": 4})
+    path = tmp_path / "reg.pt"
+    save_checkpoint(path, task.model, model_spec=task.model_spec, model_kwargs=task.model_kwargs,
+                    data={"spec": "tabular", "split": "train"}, loss=task.loss.spec)
+    baseline = tmp_path / "b.json"
+    code, out, err = run(["baseline", path, "-o", baseline, "--samples", 64, "--metric",
+                          "lambda_max", "--metric", "lambda_min", "--quiet"])
+    assert code == 0, err
+    assert json.loads(baseline.read_text())["task"]["loss"] == "mse"
+    code, out, err = run(["check", path, "--baseline", baseline, "--quiet"])
+    assert code == 0, err
