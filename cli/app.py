@@ -68,6 +68,22 @@ QUIET_OPTION = typer.Option(False, "--quiet", help="No progress bar.")
 DEBUG_OPTION = typer.Option(False, "--debug", help="Show tracebacks.")
 
 
+# settings of a spectrum measurement, shared by spectrum and baseline
+SAMPLES_OPTION = typer.Option(DATA.samples, "--samples", help="Use the first N samples in "
+                              "dataset order (default: all).")
+BATCH_SIZE_OPTION = typer.Option(DATA.batch_size, "--batch-size", help="Samples per batch; "
+                                 "the Hessian is of the mean loss over all samples either way.")
+TOP_K_OPTION = typer.Option(SPECTRUM.top_k, "--top-k", help="Top eigenvalues to compute.")
+TRACE_HVPS_OPTION = typer.Option(SPECTRUM.trace_hvps, "--trace-hvps", help="Products for the "
+                                 "trace (and for each layer's).")
+TOL_OPTION = typer.Option(SPECTRUM.tol, "--tol", help="Relative residual ||Hu - θu|| / |θ| at "
+                          "which an eigenpair counts as converged (default: 1e-3 in float32, "
+                          "1e-6 in float64).")
+HVP_MODE_OPTION = typer.Option(SPECTRUM.hvp_mode, "--hvp-mode", help=", ".join(HVP_MODES) + ".")
+DTYPE_OPTION = typer.Option(SPECTRUM.dtype, "--dtype", help=", ".join(DTYPES) + ".")
+DEVICE_OPTION = typer.Option(SPECTRUM.device, "--device", help="auto, cpu, cuda, cuda:N or mps.")
+SEED_OPTION = typer.Option(SPECTRUM.seed, "--seed", help="Seed of every random start and probe.")
+
 app = typer.Typer(
     name="hessdiag",
     help="How sharp is your network? Hessian spectra of PyTorch models, and flatter training.",
@@ -183,19 +199,15 @@ def spectrum(
     download: bool = typer.Option(DATA.download, "--download", help="Download the data set "
                                   "into --data-root if it is missing."),
     split: str = typer.Option(DATA.split, "--split", help=_choices(SPLITS) + "."),
-    samples: int | None = typer.Option(DATA.samples, "--samples", help="Use the first N "
-                                       "samples in dataset order (default: all)."),
-    batch_size: int = typer.Option(DATA.batch_size, "--batch-size", help="Samples per batch; "
-                                   "the Hessian is of the mean loss over all samples either "
-                                   "way."),
-    top_k: int = typer.Option(SPECTRUM.top_k, "--top-k", help="Top eigenvalues to compute."),
+    samples: int | None = SAMPLES_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    top_k: int = TOP_K_OPTION,
     lambda_min: bool = typer.Option(SPECTRUM.lambda_min, "--lambda-min", help="Also the most "
                                     "negative eigenvalue and lambda_max/|lambda_min|."),
     trace: bool = typer.Option(SPECTRUM.trace, "--trace", help="Also the trace."),
     trace_method: str = typer.Option(SPECTRUM.trace_method, "--trace-method",
                                      help=_choices(TRACE_METHODS) + "."),
-    trace_hvps: int = typer.Option(SPECTRUM.trace_hvps, "--trace-hvps", help="Products for "
-                                   "the trace (and for each layer's)."),
+    trace_hvps: int = TRACE_HVPS_OPTION,
     density: bool = typer.Option(SPECTRUM.density, "--density", help="Also the spectral "
                                  "density (SLQ)."),
     slq_probes: int = typer.Option(SPECTRUM.slq_probes, "--slq-probes", help="SLQ probe "
@@ -210,16 +222,11 @@ def spectrum(
                                    "Hessian block (and the whole trace)."),
     method: str = typer.Option(SPECTRUM.method, "--method", help=_choices(METHODS) + " (power "
                                "iteration with deflation) for the top eigenvalues."),
-    tol: float | None = typer.Option(SPECTRUM.tol, "--tol", help="Relative residual "
-                                     "||Hu - θu|| / |θ| at which an eigenpair counts as "
-                                     "converged (default: 1e-3 in float32, 1e-6 in float64)."),
-    hvp_mode: str = typer.Option(SPECTRUM.hvp_mode, "--hvp-mode", help=_choices(HVP_MODES)
-                                 + "."),
-    dtype: str = typer.Option(SPECTRUM.dtype, "--dtype", help=_choices(DTYPES) + "."),
-    device: str = typer.Option(SPECTRUM.device, "--device", help="auto, cpu, cuda, cuda:N or "
-                               "mps."),
-    seed: int = typer.Option(SPECTRUM.seed, "--seed", help="Seed of every random start and "
-                             "probe."),
+    tol: float | None = TOL_OPTION,
+    hvp_mode: str = HVP_MODE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    seed: int = SEED_OPTION,
     store: Path = STORE_OPTION,
     plot: Path | None = typer.Option(None, "--plot", help="Write the density figure here "
                                      "(PNG; needs --density; with several checkpoints, "
@@ -544,22 +551,15 @@ def baseline(
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
     data_root: Path | None = DATA_ROOT_OPTION,
-    samples: int | None = typer.Option(DATA.samples, "--samples", help="The first N "
-                                       "samples (default: all)."),
-    batch_size: int = typer.Option(DATA.batch_size, "--batch-size", help="Samples per "
-                                   "batch."),
-    top_k: int = typer.Option(SPECTRUM.top_k, "--top-k", help="Eigenvalues of top_k."),
-    trace_hvps: int = typer.Option(SPECTRUM.trace_hvps, "--trace-hvps", help="Products "
-                                   "for the trace."),
-    tol: float | None = typer.Option(SPECTRUM.tol, "--tol", help="Relative residual "
-                                     "tolerance (default by dtype)."),
-    hvp_mode: str = typer.Option(SPECTRUM.hvp_mode, "--hvp-mode", help=_choices(HVP_MODES)
-                                 + "."),
-    dtype: str = typer.Option(SPECTRUM.dtype, "--dtype", help=_choices(DTYPES) + "."),
-    device: str = typer.Option(SPECTRUM.device, "--device", help="auto, cpu, cuda, cuda:N or "
-                               "mps."),
-    seed: int = typer.Option(SPECTRUM.seed, "--seed", help="Seed of every random start and "
-                             "probe."),
+    samples: int | None = SAMPLES_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    top_k: int = TOP_K_OPTION,
+    trace_hvps: int = TRACE_HVPS_OPTION,
+    tol: float | None = TOL_OPTION,
+    hvp_mode: str = HVP_MODE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    seed: int = SEED_OPTION,
     as_json: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
     debug: bool = DEBUG_OPTION,
