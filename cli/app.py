@@ -535,8 +535,9 @@ def align(
 
 
 CHECK_METRIC_OPTION = typer.Option(None, "--metric", help="lambda_max, lambda_min, "
-                                   "lambda_ratio, trace or top_k (repeat the option; "
-                                   "default: lambda_max and trace).")
+                                   "lambda_ratio, trace, top_k or alignment (mean |cos| of "
+                                   "SAM perturbations); repeat the option; default: "
+                                   "lambda_max and trace.")
 
 
 @app.command()

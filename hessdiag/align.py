@@ -30,16 +30,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
-from hessdiag._errors import InputError
-from hessdiag.data import random_minibatches
-from hessdiag.measures import AlignmentProbe, measure_alignment
+from hessdiag.measures import (
+    AlignmentProbe,
+    checkpoint_alignment,
+    measure_alignment,
+    optimizer_eigenvector,
+)
 from hessdiag.records import provenance, write_alignment
 from hessdiag.results import AlignmentResult
-from hessdiag.runtime import resolve_device
 from hessdiag.settings import RULES, AlignSettings, DataSettings
-from hessdiag.task import Task, load_data, load_task
+from hessdiag.task import Task
 
 __all__ = ["RULES", "AlignSettings", "AlignmentProbe", "CheckpointAlignment", "align_checkpoint",
            "measure_alignment", "optimizer_eigenvector"]
@@ -56,14 +56,6 @@ class CheckpointAlignment:
     analysis_id: str | None
 
 
-def optimizer_eigenvector(task: Task) -> Tensor | None:
-    """The Eigen-SAM eigenvector estimate a checkpoint's optimizer state holds, if any."""
-    state = task.optimizer_state or {}
-    extra = state.get("sam") if isinstance(state, dict) else None
-    vector = extra.get("eigenvector") if isinstance(extra, dict) else None
-    return vector if isinstance(vector, Tensor) else None
-
-
 def align_checkpoint(path: str, *, settings: AlignSettings | None = None,
                      data: DataSettings | None = None, model_spec: str | None = None,
                      loss: str | None = None, unsafe: bool = False, store: Any = None,
@@ -72,30 +64,9 @@ def align_checkpoint(path: str, *, settings: AlignSettings | None = None,
     """Alignment at one checkpoint; written to ``store`` (kind ``alignment``, with the
     checkpoint's run id) when given. ``data.samples`` is ignored: the measurement set is
     ``settings.samples`` samples, the minibatches come from the whole split."""
-    from dataclasses import replace
-
-    settings = settings or AlignSettings()
-    data = data or DataSettings()
-    task = load_task(path, data=replace(data, samples=settings.samples), model_spec=model_spec,
-                     loss=loss, unsafe=unsafe)
-    config = task.extra.get("config") or {}
-    alpha = settings.alpha if settings.alpha is not None else float(config.get("alpha", 0.2))
-    eigenvector = optimizer_eigenvector(task)
-    if settings.rule == "eigensam" and eigenvector is None:
-        raise InputError(f"checkpoint {path} holds no Eigen-SAM eigenvector (not an Eigen-SAM "
-                         "run, or saved before its first estimate): rule eigensam measures "
-                         "the optimizer's own perturbation; use rule eigensam-exact",
-                         param="rule")
-    device = resolve_device(settings.device)
-    full = task.data if task.data.batches is not None else load_data(
-        replace(data, samples=None), task.checkpoint.data, where=f"checkpoint {path}")
-    minibatches = random_minibatches(full, settings.batches, settings.batch_size,
-                                     settings.seed)
-    result = measure_alignment(
-        task.model, task.loss, task.batches(256), minibatches, rule=settings.rule,
-        alpha=alpha, eigenvector=eigenvector, top_k=settings.top_k, tol=settings.tol,
-        seed=settings.seed, device=device, progress=progress)
-    result = replace(result, settings={**result.settings, **vars(settings), "alpha": alpha})
+    result, task = checkpoint_alignment(path, settings=settings or AlignSettings(),
+                                        data=data or DataSettings(), model_spec=model_spec,
+                                        loss=loss, unsafe=unsafe, progress=progress)
     analysis_id = None
     if store is not None:
         origin = provenance(task)

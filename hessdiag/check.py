@@ -17,7 +17,11 @@ eigenvalue; for the trace (stochastic) ``z * sqrt(se_base^2 + se_now^2)`` with
 ``z = 1.645``, the one-sided 95% quantile, so a change counts only when it exceeds
 ``rtol`` beyond the estimators' noise at 95% confidence. ``lambda_min`` compares the
 magnitude of the most negative eigenvalue, ``lambda_ratio`` the ratio
-``lambda_max / |lambda_min|`` with the residuals propagated. Absolute limits
+``lambda_max / |lambda_min|`` with the residuals propagated. ``alignment`` (the mean
+``|cos|`` of the perturbations of the baseline's rule with the top eigenvector, over
+minibatches; stochastic) is worse when *lower*: the check fails when it drops below
+``baseline * (1 - rtol) - noise``, i.e. when the perturbation stopped following the
+sharpest direction. Absolute limits
 (``max_lambda``, ``max_trace``, ``max_ratio``) apply with or without a baseline.
 
 A baseline whose settings cannot be reproduced (another model, data, loss, split or
@@ -32,18 +36,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hessdiag._errors import InputError
-from hessdiag.measures import compute_spectrum
+from hessdiag.measures import checkpoint_alignment, compute_spectrum
 from hessdiag.records import provenance, read_spectrum
 from hessdiag.results import SpectrumResult
 from hessdiag.runtime import versions
-from hessdiag.settings import DataSettings, SpectrumSettings
+from hessdiag.settings import AlignSettings, DataSettings, SpectrumSettings
 from hessdiag.store import Store, now
 from hessdiag.task import Task, load_task
 
 FORMAT = "hessdiag-baseline"
 SCHEMA_VERSION = 1
-METRICS = ("lambda_max", "lambda_min", "lambda_ratio", "trace", "top_k")
+METRICS = ("lambda_max", "lambda_min", "lambda_ratio", "trace", "top_k", "alignment")
 DEFAULT_METRICS = ("lambda_max", "trace")
 Z_ONE_SIDED_95 = 1.6448536269514722
 
@@ -60,11 +66,13 @@ class Baseline:
     created: str
     versions: dict[str, Any]
     source: str = ""
+    align: AlignSettings | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created": self.created,
                 "versions": self.versions, "checkpoint": self.checkpoint, "task": self.task,
                 "data": asdict(self.data), "settings": asdict(self.settings),
+                "align": None if self.align is None else asdict(self.align),
                 "metrics": self.metrics}
 
 
@@ -142,8 +150,10 @@ def _settings_for(metrics: tuple[str, ...], settings: SpectrumSettings) -> Spect
                    per_layer=False)
 
 
-def metric_values(result: SpectrumResult, metrics: tuple[str, ...]) -> dict[str, Any]:
-    """Each metric's value with what its noise is made of."""
+def metric_values(result: SpectrumResult, metrics: tuple[str, ...],
+                  alignment: Any = None) -> dict[str, Any]:
+    """Each metric's value with what its noise is made of (``alignment``: an
+    :class:`hessdiag.results.AlignmentResult` when the metrics include it)."""
     out: dict[str, Any] = {}
     top, bottom = result.top, result.bottom
     for metric in metrics:
@@ -164,6 +174,11 @@ def metric_values(result: SpectrumResult, metrics: tuple[str, ...]) -> dict[str,
         elif metric == "trace":
             out[metric] = {"value": result.trace.estimate, "stderr": result.trace.stderr,
                            "n": result.trace.n_probes, "kind": "stochastic"}
+        elif metric == "alignment":
+            cos = np.abs(alignment.cosines)
+            stderr = float(cos.std(ddof=1) / math.sqrt(len(cos))) if len(cos) > 1 else math.inf
+            out[metric] = {"value": alignment.alignment, "stderr": stderr, "n": len(cos),
+                           "rule": alignment.rule, "kind": "stochastic"}
     return out
 
 
@@ -195,11 +210,14 @@ def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float
             if name == "lambda_min":  # sharper: more negative curvature
                 limit = -(abs(b) * (1 + rtol) + noise)
                 ok = n >= limit
+            elif name == "alignment":  # worse: lower
+                limit = b * (1 - rtol) - noise
+                ok = n >= limit
             else:
                 limit = b * (1 + rtol) + noise if b >= 0 else b * (1 - rtol) + noise
                 ok = n <= limit
-            rows.append(MetricCheck(label, b, n, limit, noise, ok,
-                                    "" if ok else f"beyond rtol {rtol:g} and noise"))
+            rows.append(MetricCheck(label, b, n, limit, noise, ok, "" if ok else (
+                "below" if name == "alignment" else "beyond") + f" rtol {rtol:g} and noise"))
     return rows
 
 
@@ -224,25 +242,39 @@ _LIMIT_NAMES = {"lambda_max": "lambda", "trace": "trace", "lambda_ratio": "ratio
 # --------------------------------------------------------------------------- baselines
 
 
-def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS,
-                  settings: SpectrumSettings | None = None, data: DataSettings | None = None,
-                  model_spec: str | None = None, loss: str | None = None,
-                  unsafe: bool = False, progress: Any = None) -> Baseline:
-    """Measure ``metrics`` of a checkpoint and record how (see the module docstring)."""
-    settings = _settings_for(tuple(metrics), settings or SpectrumSettings())
-    data = data or DataSettings()
-    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
+def _measure(task: Task, checkpoint: str, metrics: tuple[str, ...], settings: SpectrumSettings,
+             data: DataSettings, align: AlignSettings | None, model_spec: str | None,
+             loss: str | None, unsafe: bool, progress: Any
+             ) -> tuple[SpectrumResult, dict[str, Any]]:
     result = compute_spectrum(task.model, task.loss, task.batches(data.batch_size), settings,
                               progress=progress)
-    return _baseline(task, result, tuple(metrics), data, settings, f"file:{checkpoint}")
+    alignment = None
+    if "alignment" in metrics:
+        alignment, _ = checkpoint_alignment(checkpoint, settings=align or AlignSettings(),
+                                            data=data, model_spec=model_spec, loss=loss,
+                                            unsafe=unsafe, progress=progress)
+    return result, metric_values(result, metrics, alignment)
 
 
-def _baseline(task: Task, result: SpectrumResult, metrics: tuple[str, ...],
-              data: DataSettings, settings: SpectrumSettings, source: str) -> Baseline:
+def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS,
+                  settings: SpectrumSettings | None = None, data: DataSettings | None = None,
+                  align: AlignSettings | None = None, model_spec: str | None = None,
+                  loss: str | None = None, unsafe: bool = False,
+                  progress: Any = None) -> Baseline:
+    """Measure ``metrics`` of a checkpoint and record how (see the module docstring);
+    ``align`` sets how the ``alignment`` metric is measured (default
+    :class:`~hessdiag.settings.AlignSettings`)."""
+    metrics = tuple(metrics)
+    settings = _settings_for(metrics, settings or SpectrumSettings())
+    data = data or DataSettings()
+    align = (align or AlignSettings()) if "alignment" in metrics else None
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
+    _, values = _measure(task, checkpoint, metrics, settings, data, align, model_spec, loss,
+                         unsafe, progress)
     origin = provenance(task)
     return Baseline(
-        metrics=metric_values(result, metrics), task=_task_key(task), data=data,
-        settings=settings, created=now(), versions=versions(), source=source,
+        metrics=values, task=_task_key(task), data=data, settings=settings, created=now(),
+        versions=versions(), source=f"file:{checkpoint}", align=align,
         checkpoint={"path": origin["checkpoint_path"], "sha256": origin["checkpoint_sha256"],
                     "step": None if origin["step"] == -1 else origin["step"]})
 
@@ -292,6 +324,7 @@ def read_baseline(source: str, metrics: tuple[str, ...] | None = None) -> Baseli
         baseline = Baseline(
             metrics=payload["metrics"], task=payload["task"],
             data=DataSettings(**payload["data"]), settings=SpectrumSettings(**payload["settings"]),
+            align=AlignSettings(**payload["align"]) if payload.get("align") else None,
             checkpoint=payload.get("checkpoint") or {}, created=payload.get("created", ""),
             versions=payload.get("versions") or {}, source=f"file:{source}")
     except (KeyError, TypeError) as exc:
@@ -376,9 +409,13 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
     task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
     if baseline is not None:
         _same_task(baseline, task, checkpoint)
-    result = compute_spectrum(task.model, task.loss, task.batches(data.batch_size), settings,
-                              progress=progress)
-    measured = metric_values(result, wanted_all)
+    align = None
+    if "alignment" in wanted_all:
+        align = baseline.align if baseline is not None and baseline.align else AlignSettings()
+        if seed is not None:
+            align = replace(align, seed=seed)
+    result, measured = _measure(task, checkpoint, wanted_all, settings, data, align,
+                                model_spec, loss, unsafe, progress)
     rows = [] if baseline is None else compare(baseline.metrics, measured, rtol)
     rows += _absolute(measured, limits)
     if store is not None:

@@ -307,3 +307,47 @@ def measure_alignment(
         seconds=time.perf_counter() - start, seed=seed,
         settings={"tol": tol, "hvp_mode": op.mode, "measure_samples": op.n_samples},
     )
+
+
+def optimizer_eigenvector(task: Any) -> Tensor | None:
+    """The Eigen-SAM eigenvector estimate a checkpoint's optimizer state holds, if any."""
+    state = task.optimizer_state or {}
+    extra = state.get("sam") if isinstance(state, dict) else None
+    vector = extra.get("eigenvector") if isinstance(extra, dict) else None
+    return vector if isinstance(vector, Tensor) else None
+
+
+def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str | None = None,
+                         loss: str | None = None, unsafe: bool = False,
+                         progress: Callable[[int, int], None] | None = None
+                         ) -> tuple[AlignmentResult, Any]:
+    """The alignment at a checkpoint (``hessdiag align``, ``hessdiag check``):
+    ``settings`` an :class:`hessdiag.settings.AlignSettings`, ``data`` a
+    :class:`hessdiag.settings.DataSettings` whose ``samples`` is replaced by
+    ``settings.samples`` (the measurement set); the minibatches come from the whole split.
+    Returns ``(result, task)``."""
+    from dataclasses import replace
+
+    from hessdiag.data import random_minibatches
+    from hessdiag.task import load_data, load_task
+
+    task = load_task(path, data=replace(data, samples=settings.samples), model_spec=model_spec,
+                     loss=loss, unsafe=unsafe)
+    config = task.extra.get("config") or {}
+    alpha = settings.alpha if settings.alpha is not None else float(config.get("alpha", 0.2))
+    eigenvector = optimizer_eigenvector(task)
+    if settings.rule == "eigensam" and eigenvector is None:
+        raise InputError(f"checkpoint {path} holds no Eigen-SAM eigenvector (not an Eigen-SAM "
+                         "run, or saved before its first estimate): rule eigensam measures "
+                         "the optimizer's own perturbation; use rule eigensam-exact",
+                         param="rule")
+    full = task.data if task.data.batches is not None else load_data(
+        replace(data, samples=None), task.checkpoint.data, where=f"checkpoint {path}")
+    minibatches = random_minibatches(full, settings.batches, settings.batch_size,
+                                     settings.seed)
+    result = measure_alignment(
+        task.model, task.loss, task.batches(256), minibatches, rule=settings.rule,
+        alpha=alpha, eigenvector=eigenvector, top_k=settings.top_k, tol=settings.tol,
+        seed=settings.seed, device=resolve_device(settings.device), progress=progress)
+    result = replace(result, settings={**result.settings, **vars(settings), "alpha": alpha})
+    return result, task

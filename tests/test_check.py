@@ -160,3 +160,24 @@ def test_any_task_is_checked_regression_included(tmp_path):
     assert json.loads(baseline.read_text())["task"]["loss"] == "mse"
     code, out, err = run(["check", path, "--baseline", baseline, "--quiet"])
     assert code == 0, err
+
+
+def test_alignment_is_a_metric_that_fails_when_it_drops(files, tmp_path):
+    from hessdiag.check import compare, make_baseline
+    from hessdiag.settings import AlignSettings, DataSettings
+
+    made = make_baseline(str(DEMO), metrics=("alignment",), data=DataSettings(samples=256),
+                         align=AlignSettings(batches=4, batch_size=32, samples=128))
+    entry = made.metrics["alignment"]
+    assert 0 <= entry["value"] <= 1 and entry["stderr"] > 0 and entry["rule"] == "sam"
+    path = tmp_path / "b.json"
+    from hessdiag.check import write_baseline
+
+    write_baseline(made, path)
+    code, out, err = run(["check", DEMO, "--baseline", path, "--json", "--quiet"])
+    assert code == 0, err
+    assert json.loads(out)["metrics"][0]["metric"] == "alignment"
+    lower = {"alignment": {**entry, "value": entry["value"] * 0.5}}
+    higher = {"alignment": {**entry, "value": min(1.0, entry["value"] * 2 + 0.5)}}
+    assert compare(made.metrics, lower, rtol=0.1)[0].passed is False
+    assert compare(made.metrics, higher, rtol=0.1)[0].passed is True
