@@ -224,6 +224,11 @@ def spectrum(
                                "iteration with deflation) for the top eigenvalues."),
     tol: float | None = TOL_OPTION,
     hvp_mode: str = HVP_MODE_OPTION,
+    memory_budget: float | None = typer.Option(SPECTRUM.memory_budget, "--memory-budget",
+                                               help="GiB the gradient graphs kept by "
+                                               "--hvp-mode auto may use (default: a quarter "
+                                               "of the available memory, half of a GPU's "
+                                               "free memory)."),
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     seed: int = SEED_OPTION,
@@ -251,7 +256,8 @@ def spectrum(
                                 trace_method=trace_method, density=density, method=method,
                                 tol=tol, trace_hvps=trace_hvps, slq_probes=slq_probes,
                                 slq_steps=slq_steps, params=params, per_layer=per_layer,
-                                dtype=dtype, device=device, hvp_mode=hvp_mode, seed=seed)
+                                dtype=dtype, device=device, hvp_mode=hvp_mode,
+                                memory_budget=memory_budget, seed=seed)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
                                  download=download, split=split, samples=samples,
                                  batch_size=batch_size)

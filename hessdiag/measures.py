@@ -172,8 +172,9 @@ def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
     start = time.perf_counter()
     weight = getattr(loss_fn, "batch_weight", None)
     dtype, device = resolve_dtype(s.dtype), resolve_device(s.device)
+    budget = None if s.memory_budget is None else int(s.memory_budget * (1 << 30))
     op = HessianOperator(model, loss_fn, data, params=s.params, dtype=dtype, device=device,
-                         mode=s.hvp_mode, batch_size_fn=weight)
+                         mode=s.hvp_mode, batch_size_fn=weight, memory_budget=budget)
     if s.method == "lanczos":
         top = lanczos(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress)
     else:

@@ -61,8 +61,10 @@ class SpectrumSettings:
     (``None``: 1e-3 in float32, 1e-6 in float64). ``params`` restricts the Hessian to the
     parameters a pattern selects (glob, regular expression or module prefix);
     ``per_layer`` adds, for each parameterised module, the top eigenvalue and trace of its
-    diagonal block (and computes the whole trace). Every stochastic part is seeded from
-    ``seed``.
+    diagonal block (and computes the whole trace). ``memory_budget`` (GiB) bounds the
+    gradient graphs ``hvp_mode="auto"`` may keep (default: see
+    :func:`hessdiag.curvature.operator.default_memory_budget`). Every stochastic part is
+    seeded from ``seed``.
     """
 
     top_k: int = 5
@@ -80,10 +82,13 @@ class SpectrumSettings:
     dtype: str = "float32"
     device: str = "auto"
     hvp_mode: str = "auto"
+    memory_budget: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [
+            (self.memory_budget is None or self.memory_budget > 0, "memory_budget",
+             "positive (GiB)", self.memory_budget),
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method),
             (self.trace_method in TRACE_METHODS, "trace_method",
              f"one of {', '.join(TRACE_METHODS)}", self.trace_method),

@@ -102,18 +102,69 @@ def test_model_state_is_restored_and_parameters_untouched(mlp_case):
         assert torch.equal(p, before[n]) and p.dtype == torch.float32 and p.grad is None
 
 
-def test_auto_mode_times_candidates_and_counts_every_product(mlp_case):
+def test_auto_mode_keeps_graphs_in_memory_within_budget_and_times_otherwise(mlp_case):
+    """Batches in memory whose graphs fit the budget: retained-graph with no timing and no
+    determinism products. Over budget (or data streamed): the two other modes are timed
+    on the first batch, every product counted, and the determinism check runs."""
     model, loss_fn, batches = mlp_case
-    op = HessianOperator(model, loss_fn, batches, dtype=F64)
-    op.matvec(torch.randn(op.dim, dtype=F64))
-    assert set(op.mode_timings) == {"forward-over-reverse", "double-backward"}
-    assert op.mode in op.mode_timings
-    # two timed products per candidate on the first batch, then two full products
-    # (the second is the determinism check)
-    assert op.hvp_count == 4 + 2
-    one = HessianOperator(model, loss_fn, batches[0], dtype=F64)
-    one.matvec(torch.randn(one.dim, dtype=F64))
-    assert set(one.mode_timings) == {"forward-over-reverse", "retained-graph"}
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    kept = HessianOperator(model, loss_fn, batches, dtype=F64)
+    kept.matvec(v)
+    assert kept.mode == "retained-graph" and kept.mode_timings == {}
+    assert kept.hvp_count == 1 and 0 < kept.memory_estimate <= kept.memory_budget
+    tight = HessianOperator(model, loss_fn, batches, dtype=F64, memory_budget=1)
+    tight.matvec(v)
+    assert tight.mode in ("double-backward", "forward-over-reverse")
+    assert set(tight.mode_timings) == {"forward-over-reverse", "double-backward"}
+    assert tight.hvp_count == 4 + 4 + 1  # a warm-up and three timed each, then one product
+    streamed = HessianOperator(model, loss_fn, iter_batches(batches), dtype=F64)
+    streamed.matvec(v)
+    assert streamed.mode != "retained-graph" and streamed.hvp_count == 4 + 4 + 2
+    torch.testing.assert_close(kept.matvec(v), tight.matvec(v), rtol=1e-10, atol=1e-12)
+
+
+class iter_batches:
+    """Batches as a streaming iterable (like a DataLoader), not a list in memory."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("form", ["bare batch", "list of one batch", "several batches",
+                                  "dataloader"])
+def test_auto_picks_an_exact_mode_whichever_way_the_data_is_given(form):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    chunks = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+    data = {"bare batch": (x, y), "list of one batch": [(x, y)], "several batches": chunks,
+            "dataloader": DataLoader(TensorDataset(x, y), batch_size=8)}[form]
+    op = HessianOperator(model, nn.CrossEntropyLoss(), data, dtype=F64)
+    H = dense_hessian(model, nn.CrossEntropyLoss(), chunks)
+    v = torch.randn(op.dim, dtype=F64)
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert (op.mode == "retained-graph") == (form != "dataloader")
+
+
+def test_a_loader_drawing_random_samples_is_still_caught():
+    """A loader that draws another random subset on every pass (a shuffled pass over all
+    samples is the same mean, so the same matrix: nothing to catch there)."""
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    dataset = TensorDataset(x, y)
+    loader = DataLoader(dataset, batch_size=5, sampler=RandomSampler(
+        dataset, replacement=True, num_samples=12))
+    op = HessianOperator(model, nn.CrossEntropyLoss(), loader, dtype=F64)
+    with pytest.raises(NondeterministicOperatorError):
+        op.matvec(torch.randn(op.dim, dtype=F64))
 
 
 class NoForwardAD(torch.autograd.Function):
@@ -147,7 +198,8 @@ def test_missing_forward_mode_formula_falls_back_to_double_backward():
     model = CubeNet()
     batch = (torch.randn(6, 3), torch.randn(6, 2))
     loss_fn = nn.MSELoss()
-    auto = HessianOperator(model, loss_fn, [batch, batch], dtype=F64)
+    # no room to keep graphs: auto times the two other modes
+    auto = HessianOperator(model, loss_fn, [batch, batch], dtype=F64, memory_budget=1)
     v = torch.randn(auto.dim, dtype=F64)
     got = auto.matvec(v)
     assert auto.mode == "double-backward"

@@ -18,10 +18,13 @@ Three ways to compute ``H_b v`` (Pearlmutter 1994):
     as ``double-backward`` on a single batch, but the gradient's graph is built once and
     kept, so each product is one extra backward pass. Costs the memory of that graph.
 
-``mode="auto"`` measures the candidates on the first product and keeps the faster one
-(``forward-over-reverse`` versus ``retained-graph`` on one batch, versus
-``double-backward`` on several), and falls back to reverse-over-reverse when an op of
-the model lacks a forward-mode formula.
+``mode="auto"`` keeps the gradient graphs (``retained-graph``) when the data is fixed in
+memory (one batch, or a list or tuple of batches) and the graphs fit ``memory_budget``,
+estimated from the tensors the first batch's graph saves; a product is then one backward
+pass per batch, the cheapest of the three. Otherwise it times ``double-backward`` and
+``forward-over-reverse`` on the first batch and keeps the faster, falling back to
+reverse-over-reverse when an op of the model lacks a forward-mode formula. The choice,
+the timings and the memory estimate are in :meth:`HessianOperator.describe`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -141,6 +145,12 @@ class HessianOperator:
         Compute the first product twice and raise :class:`NondeterministicOperatorError`
         if the two differ by more than ``determinism_rtol`` (relative): a shuffling or
         augmenting data pipeline, or dropout in train mode, makes the operator random.
+        Skipped for data fixed in memory in eval mode (nothing there can change between
+        passes) unless ``determinism_rtol`` is given.
+    memory_budget:
+        Bytes the kept graphs of ``retained-graph`` may use in ``auto`` mode; default
+        :func:`default_memory_budget` (half the free CUDA memory, or a quarter of the
+        available memory).
     batch_size_fn:
         ``(inputs, targets) -> int`` samples in a batch; default: ``len(targets)``.
 
@@ -174,6 +184,7 @@ class HessianOperator:
         train_mode: bool = False,
         check_determinism: bool = True,
         determinism_rtol: float | None = None,
+        memory_budget: int | None = None,
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
     ) -> None:
         if mode not in MODES:
@@ -221,10 +232,20 @@ class HessianOperator:
             self._batches = data
             self.single_batch = False
         else:
+            self._batches = None
+        if self._batches is None:
             raise ValueError(
                 "data must be one batch (inputs, targets) or an iterable of such batches; "
                 f"got {type(data).__name__}"
             )
+        # fixed tensors in memory (one batch, or a list or tuple of batches) cannot shuffle
+        # or augment: their graphs may be kept, and products need no determinism check
+        self.in_memory = isinstance(self._batches, list | tuple)
+        if self.in_memory and not train_mode and determinism_rtol is None:
+            self.check_determinism = False
+        self.memory_budget = int(memory_budget if memory_budget is not None
+                                 else default_memory_budget(self.device))
+        self.memory_estimate: int | None = None
         self._sum_reduction = getattr(loss_fn, "reduction", "mean") == "sum"
         self.n_samples: int | None = None
         self.n_batches: int | None = None
@@ -358,14 +379,31 @@ class HessianOperator:
         }
         return out, loss.detach()
 
-    def _build_retained(self) -> None:
+    def _build_retained(self, budget: int | None = None) -> bool:
+        """Build and keep the gradient graph of every batch. With ``budget`` (bytes), the
+        tensors the first batch's graph saves are measured first and the whole is
+        estimated as that times the samples of all batches over the first's; over budget,
+        nothing is kept and ``False`` is returned."""
         self._retained = []
-        for inputs, targets, n in self._iter_batches():
+        batches = self._iter_batches()
+        total_samples = None
+        if budget is not None:
+            total_samples = sum(self._batch_size_fn(b[0], b[1]) for b in self._batches)
+        for i, (inputs, targets, n) in enumerate(batches):
             leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
-            with torch.enable_grad():
+            saved = _SavedBytes() if budget is not None and i == 0 else contextlib.nullcontext()
+            with torch.enable_grad(), self._modes(), saved:
                 loss = self._loss(dict(zip(self.param_names, leaves, strict=True)), inputs, targets)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True)
             self._retained.append((leaves, list(grads), n, loss.detach()))
+            if budget is not None and i == 0:
+                per_sample = (saved.bytes + sum(g.numel() * g.element_size() for g in grads)) \
+                    / max(n, 1)
+                self.memory_estimate = int(per_sample * max(total_samples or n, n))
+                if self.memory_estimate > budget:
+                    self._retained = None
+                    return False
+        return True
 
     @contextlib.contextmanager
     def _modes(self):
@@ -459,42 +497,39 @@ class HessianOperator:
         return out
 
     def _choose_mode(self, v: Tensor) -> str:
-        """Time each candidate twice on the first batch (the first call of each pays
-        one-off costs; retained-graph builds its graph) and return the faster.
-
-        Forward-over-reverse is skipped when an op of the model has no forward-mode
-        formula. The products computed here count towards ``hvp_count``.
-        """
-        reverse = "retained-graph" if self.single_batch else "double-backward"
-        candidates = ["forward-over-reverse", reverse]
+        """``retained-graph`` when the data is in memory, the model in eval mode and the
+        graphs fit ``memory_budget`` (estimated from the first batch's graph: one product
+        is then one backward pass, the cheapest); otherwise the faster of ``double-backward`` and
+        ``forward-over-reverse``, timed on the first batch (a warm-up, then the median of
+        three; forward-over-reverse is skipped when an op lacks a forward-mode formula).
+        The products computed while timing count towards ``hvp_count``."""
+        # in train mode a kept graph would freeze one dropout mask: recompute instead
+        if self.in_memory and not self.train_mode \
+                and self._build_retained(budget=self.memory_budget):
+            return "retained-graph"
         vd = self.unflatten(v)
         batch = next(iter(self._iter_batches()))
+        candidates = ["double-backward", "forward-over-reverse"]
         for mode in candidates:
-            for _ in range(2):
+            hvp = self._hvp_fwd_rev if mode == "forward-over-reverse" else self._hvp_double_backward
+            times = []
+            for _ in range(4):
                 start = time.perf_counter()
                 try:
                     with self._modes():
-                        if mode == "retained-graph":
-                            if self._retained is None:
-                                self._build_retained()
-                            self._retained_product(self._retained[0], list(vd.values()))
-                        else:
-                            hvp = (self._hvp_fwd_rev if mode == "forward-over-reverse"
-                                   else self._hvp_double_backward)
-                            hvp(vd, batch[0], batch[1])
+                        hvp(vd, batch[0], batch[1])
                 except (RuntimeError, NotImplementedError) as exc:
                     if mode == "forward-over-reverse" and _lacks_forward_ad(exc):
-                        self.mode_timings[mode] = float("inf")
+                        times = [float("inf")]
                         break
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                self.mode_timings[mode] = time.perf_counter() - start
+                times.append(time.perf_counter() - start)
                 self.hvp_count += 1
-        chosen = min(candidates, key=lambda m: self.mode_timings[m])
-        if chosen != "retained-graph":
-            self._retained = None
-        return chosen
+            # the first call of a mode pays one-off costs: it is not timed
+            self.mode_timings[mode] = float(np.median(times[1:] if len(times) > 1 else times))
+        return min(candidates, key=lambda m: self.mode_timings[m])
 
     def describe(self) -> dict[str, Any]:
         """Settings and counters, JSON-serialisable (for results and the store)."""
@@ -505,6 +540,8 @@ class HessianOperator:
             "device": str(self.device),
             "mode": self.mode or self.requested_mode,
             "mode_timings": dict(self.mode_timings),
+            "memory_estimate": self.memory_estimate,
+            "memory_budget": self.memory_budget,
             "samples": self.n_samples,
             "batches": self.n_batches,
             "train_mode": self.train_mode,
@@ -551,3 +588,40 @@ def preserved_state(model: nn.Module, eval_mode: bool = True, buffers: bool = Tr
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Count the bytes of the tensors autograd saves for backward inside the block (each
+    storage once): the memory a kept graph holds."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[tuple[int, int]] = set()
+
+        def pack(t: Tensor) -> Tensor:
+            try:
+                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            except (RuntimeError, NotImplementedError):  # wrapped or storage-less tensors
+                key = (id(t), t.numel() * t.element_size())
+            if key not in self._seen:
+                self._seen.add(key)
+                self.bytes += key[1]
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Half of the free memory of a CUDA device; a quarter of the available memory
+    otherwise (``MemAvailable`` of ``/proc/meminfo``, else 4 GiB)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.5 * free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(0.25 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return 4 << 30
