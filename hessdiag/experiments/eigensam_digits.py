@@ -188,18 +188,20 @@ def render(store: Store, plan: Plan, minutes: float) -> str:
     below = [s for s in plan.seeds if finals[s, "eigensam"] < finals[s, "sam"]]
     flatter = [s for s in plan.seeds
                if max(finals[s, "sam"], finals[s, "eigensam"]) < finals[s, "sgd"]]
+    ordered = [s for s in below if s in flatter]
     lines += [
         "",
         f"- SAM and Eigen-SAM end below SGD's final λ_max in {len(flatter)} of "
         f"{len(plan.seeds)} seeds.",
         f"- Eigen-SAM ends below SAM in {len(below)} of {len(plan.seeds)} seeds"
         + (f" (seeds {', '.join(map(str, below))})" if below else "")
-        + ": the paper's ordering Eigen-SAM < SAM < SGD "
-        + ("holds in every seed here." if len(below) == len(plan.seeds) == len(flatter)
-           else "is not reproduced at this scale (360 steps on 1,437 images against the "
-                "paper's 200 epochs of CIFAR); reported as measured, nothing tuned. Final "
-                "values also reflect how far each run fitted: cross-entropy curvature "
-                "shrinks as the training loss goes to zero."),
+        + f"; the paper's ordering Eigen-SAM < SAM < SGD holds in {len(ordered)} of "
+        f"{len(plan.seeds)} seeds"
+        + ("." if len(ordered) == len(plan.seeds) else
+           " at this scale (360 steps on 1,437 images against the paper's 200 epochs of "
+           "CIFAR); reported as measured, nothing tuned. Final values also reflect how far "
+           "each run fitted: cross-entropy curvature shrinks as the training loss goes to "
+           "zero."),
         "",
         f"## Alignment with 95% confidence intervals (`hessdiag align`, "
         f"{plan.align_batches} minibatches of {plan.align_batch_size})",
