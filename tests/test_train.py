@@ -204,3 +204,15 @@ def test_logged_sharpness_pairs_the_perturbation_and_eigenvector_at_the_same_wei
         assert run["sharpness/alignment"][row] == pytest.approx(cos, abs=2e-3)
         _, _, v_next = top(step + 3) if step + 3 <= 6 else top(8)
         assert abs(abs(float(g @ v_next)) / float(g.norm()) - cos) > 0.01
+
+
+def test_fine_tuning_keeps_the_recorded_model_arguments(tmp_path):
+    """--from with the same --model and no --model-kwargs builds the recorded architecture
+    (hidden 16 here), not the default one."""
+    cfg = TrainConfig(**SMALL, checkpoint_dir=str(tmp_path / "ckpt"), run_name="base")
+    base = train(cfg, store=Store(tmp_path / "s.h5"))
+    tuned = TrainConfig(**{**SMALL, "model_kwargs": {}, "epochs": 1},
+                        init_from=base.final_checkpoint, run_name="tuned",
+                        checkpoint_dir=str(tmp_path / "ckpt"))
+    result = train(tuned, store=Store(tmp_path / "s.h5"))
+    assert load_checkpoint(result.final_checkpoint).model.net[1].out_features == 16

@@ -174,7 +174,8 @@ def open_checkpoint(
     """Read a checkpoint and what it records, without building its model yet.
 
     ``model_spec`` (and ``model_kwargs``) name the architecture for plain ``state_dict``
-    files and override the one recorded in hessdiag checkpoints.
+    files and override the one recorded in hessdiag checkpoints (naming the recorded
+    architecture keeps its recorded arguments; ``model_kwargs`` update them).
     """
     payload, sha = read_checkpoint(path, unsafe=unsafe)
     path_s = str(path)
@@ -196,7 +197,9 @@ def open_checkpoint(
                                   f"than this hessdiag reads ({FORMAT_VERSION}): upgrade")
         recorded = payload.get("model") or {}
         spec = model_spec or recorded.get("spec")
-        kwargs = dict(recorded.get("kwargs") or {}) if model_spec is None else {}
+        # the recorded arguments hold unless another architecture is named
+        same = model_spec is None or model_spec == recorded.get("spec")
+        kwargs = dict(recorded.get("kwargs") or {}) if same else {}
         kwargs.update(model_kwargs or {})
         state = payload.get("state_dict")
         info = CheckpointInfo(
