@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from hessdiag._errors import InputError
+from hessdiag.curvature.stats import mean_interval
 from hessdiag.measures import checkpoint_alignment, compute_spectrum
 from hessdiag.records import provenance, read_spectrum
 from hessdiag.results import SpectrumResult
@@ -175,9 +176,9 @@ def metric_values(result: SpectrumResult, metrics: tuple[str, ...],
             out[metric] = {"value": result.trace.estimate, "stderr": result.trace.stderr,
                            "n": result.trace.n_probes, "kind": "stochastic"}
         elif metric == "alignment":
-            cos = np.abs(alignment.cosines)
-            stderr = float(cos.std(ddof=1) / math.sqrt(len(cos))) if len(cos) > 1 else math.inf
-            out[metric] = {"value": alignment.alignment, "stderr": stderr, "n": len(cos),
+            _, stderr, _, _ = mean_interval(np.abs(alignment.cosines))
+            out[metric] = {"value": alignment.alignment, "stderr": stderr,
+                           "n": len(alignment.cosines),
                            "rule": alignment.rule, "kind": "stochastic"}
     return out
 

@@ -221,11 +221,5 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def describe(loss: Loss) -> dict[str, Any]:
-    """The loss as recorded with results: its spec and whether accuracy applies."""
-    return {"spec": loss.spec, "classification": loss.classification}
-
-
-__all__ = ["IGNORE_INDEX", "NAMES", "Loss", "check_loss_output", "cross_entropy", "describe",
-           "resolve_loss"]
+__all__ = ["IGNORE_INDEX", "NAMES", "Loss", "check_loss_output", "cross_entropy", "resolve_loss"]
 
