@@ -108,6 +108,8 @@ def translate(exc: BaseException) -> str:
         message = re.sub(rf"^{re.escape(param)}(?= )", option, message)
         message = re.sub(rf"\b(pass|give|use|needs|another|set|as|with) {re.escape(param)}"
                          rf"(?![\w-])", rf"\1 {option}", message)
+        if "_" in param:  # an identifier no sentence uses as a word: replace it anywhere
+            message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", option, message)
     return message
 
 

@@ -394,7 +394,8 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
     limits = {"lambda_max": max_lambda, "trace": max_trace, "lambda_ratio": max_ratio}
     if baseline is None and all(v is None for v in limits.values()):
         raise InputError("nothing to check against: give a baseline or an absolute limit "
-                         "(max_lambda, max_trace, max_ratio)", param="baseline")
+                         "(max_lambda, max_trace or max_ratio)",
+                         param=("baseline", "max_lambda", "max_trace", "max_ratio"))
     if baseline is not None:
         baseline = _select(baseline, metrics)
         wanted = tuple(baseline.metrics)

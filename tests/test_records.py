@@ -141,6 +141,9 @@ def test_library_errors_name_parameters_and_the_cli_names_options():
     message = translate(InputError("needs root (a folder), or download=True to fetch it",
                                    param=("root", "download")))
     assert message == "needs --data-root (a folder), or --download to fetch it"
+    message = translate(InputError("give a baseline or a limit (max_lambda or max_trace)",
+                                   param=("baseline", "max_lambda", "max_trace")))
+    assert message == "give a baseline or a limit (--max-lambda or --max-trace)"
     with pytest.raises(InputError) as caught:
         DataSettings(batch_size=0)
     assert str(caught.value).startswith("batch_size must be") and caught.value.param == \
