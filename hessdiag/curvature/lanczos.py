@@ -14,15 +14,28 @@ compressed to the best Ritz vectors, ``V <- V S``, ``W <- W S``, and the Krylov
 recurrence continues from the last residual direction.
 
 A single starting vector sees one copy of an exactly repeated eigenvalue only (its
-Krylov space meets each eigenspace in one direction). So once the wanted pairs have
-converged, the basis is expanded a few steps (``verify``) from a fresh random direction
-orthogonal to it, and the set is accepted only if it does not change; a copy that was
-missed enters the basis there and is resolved before returning. ``block_size=b``
-starts from ``b`` vectors instead.
+Krylov space meets each eigenspace in one direction), and a missed copy is orthogonal to
+the converged Ritz vectors ``Y``. So once the wanted pairs have converged, Lanczos is run
+on ``H`` compressed to the orthogonal complement of ``Y``, ``(I - Y Y^T) H (I - Y Y^T)``,
+from a fresh random vector (``verify``). A missed eigenvector lies in that complement, so
+the compression has an eigenvalue at least as large; without one, the compression's top
+lies below the ``k``-th found value. The check
+runs until its top Ritz value ``mu`` (residual ``r`` for the compression) is resolved:
+``mu`` above the ``k``-th value means a missed eigenvalue, and the check's vectors and
+products join the basis (no product is repeated) and the iteration continues;
+none when ``mu`` lies inside the ``k``-th value by more than a probabilistic bound
+(Kuczynski & Wozniakowski 1992: an eigenvalue beyond it would have lifted ``mu`` higher,
+except with probability ``MISS_PROBABILITY``) or when ``(mu, r)`` has converged to ``tol``
+inside it, the standard by which any Lanczos run accepts its extreme value. With ``k=1``
+no check runs: a missed copy of the one wanted value at an end is that same value.
+The check costs products (about a second convergence of the next value, for ``k >= 2``);
+``verify=False`` skips it. ``block_size=b`` starts from ``b`` vectors instead.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +55,7 @@ from hessdiag.curvature.results import EigenResult
 
 WHICH = ("largest", "smallest", "both")
 BREAKDOWN = 1e-10  # a new direction this small relative to its product: the space closed
+MISS_PROBABILITY = 1e-3  # the multiplicity check's bound on missing an eigenvalue
 
 
 def expand(matvec: Any, V: Tensor, W: Tensor, block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,7 +96,7 @@ def lanczos(
     seed: int | None = 0,
     v0: Tensor | None = None,
     return_eigenvectors: bool = True,
-    verify: int = 2,
+    verify: bool = True,
     progress: Progress = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest (or smallest, or both) eigenpairs of ``op``.
@@ -110,11 +124,12 @@ def lanczos(
     seed, v0:
         The random start (Gaussian, from a CPU generator), or an explicit one.
     verify:
-        Once the wanted pairs converge, expand this many more steps from a fresh random
-        direction orthogonal to the basis, and accept only if the wanted set does not
-        change (else continue, and check again). A missed copy of a repeated eigenvalue
-        has no component in the start vector's Krylov space; this check lets it in.
-        Costs ``verify * block_size`` products per call; 0 skips it.
+        Once the wanted pairs converge, check for eigenvalues the basis missed (a copy of
+        a repeated eigenvalue has no component in the start vector's Krylov space): see
+        the module docstring. A missed one joins the basis and the iteration continues.
+        ``settings["complete"]`` says whether the check confirmed the set (``None`` when
+        skipped with ``verify=False``); a set the budget left unconfirmed has
+        ``converged=False`` for each pair a missed eigenvalue could still displace.
 
     Returns
     -------
@@ -174,20 +189,13 @@ def lanczos(
     idx = np.zeros(0, dtype=int)
     residuals = np.full(want, np.inf)
     converged = np.zeros(want, dtype=bool)
-    checked: np.ndarray | None = None  # wanted values when the multiplicity check began
-    checking = 0                       # steps of that check still to take
+    # the multiplicity check's verdict: None when skipped, False until it confirms the set
+    complete: bool | None = False if verify else None
 
-    while True:
-        # expand: products of the new block, projections onto the whole basis
-        V, W, new_W = expand(counter, V, W, block)
-        m, b = V.shape[1], block.shape[1]
-        cols = (V.T @ new_W).double().cpu().numpy()  # T[:, m-b:m]
-        T_new = np.zeros((m, m))
-        T_new[: m - b, : m - b] = T
-        T_new[:, m - b :] = cols
-        T_new[m - b :, :] = cols.T
-        T = 0.5 * (T_new + T_new.T)
+    lowest, highest = math.inf, -math.inf  # the extreme Ritz values seen (restarts drop them)
 
+    def ritz():
+        """Ritz pairs of the basis: all values, the wanted ones' residuals and flags."""
         theta, S = np.linalg.eigh(T)
         idx = _wanted(theta, want, which)
         S_w = torch.as_tensor(S[:, idx], dtype=info.dtype, device=info.device)
@@ -196,32 +204,63 @@ def lanczos(
         residuals = torch.linalg.vector_norm(R, dim=0).double().cpu().numpy()
         anorm = float(np.max(np.abs(theta))) if len(theta) else 0.0
         scale = np.maximum(np.abs(theta[idx]), floor * anorm)
-        converged = residuals <= tol * scale
-        if m >= n or counter.hvps >= max_hvps:
+        return theta, S, idx, residuals, residuals <= tol * scale, scale
+
+    while True:
+        # expand: products of the new block, projections onto the whole basis
+        V, W, new_W = expand(counter, V, W, block)
+        m = V.shape[1]
+        b = block.shape[1]
+        cols = (V.T @ new_W).double().cpu().numpy()  # T[:, m-b:m]
+        T_new = np.zeros((m, m))
+        T_new[: m - b, : m - b] = T
+        T_new[:, m - b :] = cols
+        T_new[m - b :, :] = cols.T
+        T = 0.5 * (T_new + T_new.T)
+        theta, S, idx, residuals, converged, scale = ritz()
+        lowest, highest = min(lowest, float(theta[0])), max(highest, float(theta[-1]))
+        if m >= n:
+            complete = True if verify else None  # the basis spans the space: nothing missed
             break
-        inject = False
+        if counter.hvps >= max_hvps:
+            break
+
+        continuation = new_W
         if len(idx) == want and converged.all():
-            values = np.sort(theta[idx])
-            if checked is not None and checking == 0:
-                if np.all(np.abs(values - checked) <= tol * np.sort(scale)):
-                    break  # the check found nothing new: the set is complete
-            if checked is None or (checking == 0):
-                # a missed copy of a repeated eigenvalue is invisible from the start vector's
-                # Krylov space: expand a few steps from a fresh random direction orthogonal
-                # to the basis, and accept the set only if it does not change
-                checked, checking, inject = values, verify, verify > 0
-                if not inject:
-                    break
-            else:
-                checking -= 1
-        elif checking:
-            checking -= 1
+            if not verify:
+                break
+            if k == 1:
+                # a random start misses only further copies of the values it found, and a
+                # copy of the one wanted value at each end leaves that value unchanged
+                complete = True
+                break
+            found = _unseen(counter, _converged_vectors(V, W, theta, S, tol, floor),
+                            _levels(theta[idx], scale, which, tol), (lowest, highest),
+                            gen, info, max_hvps, tol, floor)
+            if found.verdict == "none":
+                complete = True
+                break
+            if found.verdict == "unresolved":  # out of budget before the check could decide
+                complete = False
+                converged = converged & ~_displaceable(theta[idx], which, found.reach)
+                break
+            # a missed eigenvalue: its Ritz vector from the check joins the basis (with its
+            # product: none is repeated), and both Krylov sequences continue as one block
+            V, W, added = _append(V, W, found.vector, found.product)
+            if added is None:  # already in the basis: a tie with the k-th value
+                complete = True
+                break
+            T = projection(V, W)
+            m = V.shape[1]
+            theta, S, idx, residuals, converged, scale = ritz()
+            continuation = torch.cat([new_W, added], dim=1)
+            b += 1
+            if m >= n or counter.hvps >= max_hvps:
+                complete = m >= n  # the basis spans the space, or the budget is spent
+                break
 
         # next block: the new products' components outside the basis (the Lanczos step)
-        nxt = next_directions(new_W, V)
-        if inject:  # the Lanczos step and a fresh direction, as one block from now on
-            nxt = orthonormalize(torch.cat([nxt, gaussian(n, 1, gen, info)], dim=1), V, 1e-10)
-            b = nxt.shape[1]
+        nxt = next_directions(continuation, V)
         if nxt.shape[1] < b:  # an invariant subspace: continue from fresh random directions
             fresh = orthonormalize(gaussian(n, b - nxt.shape[1], gen, info),
                                    torch.cat([V, nxt], dim=1), 1e-10)
@@ -230,7 +269,7 @@ def lanczos(
         if nxt.shape[1] == 0:
             break
         if m + nxt.shape[1] > ncv:
-            keep = _restart_set(theta, want, which, ncv - nxt.shape[1])
+            keep = _restart_set(theta, want, which, max(want, ncv - nxt.shape[1]))
             S_k = torch.as_tensor(S[:, keep], dtype=info.dtype, device=info.device)
             V, W = V @ S_k, W @ S_k
             T = np.diag(theta[keep])
@@ -260,8 +299,134 @@ def lanczos(
         seed=seed,
         eigenvectors=eigvecs,
         settings={"k": k, "ncv": ncv, "block_size": block_size, "max_hvps": max_hvps,
-                  "restarts": restarts, "v0": v0 is not None},
+                  "restarts": restarts, "v0": v0 is not None, "complete": complete},
     )
+
+
+def _levels(values: np.ndarray, scale: np.ndarray, which: str, tol: float
+            ) -> list[tuple[float, float, float]]:
+    """For each end the check watches: ``(sign, level, margin)``; an eigenvalue ``mu``
+    with ``sign * (mu - level) > margin`` would belong in the wanted set (``level`` is the
+    innermost wanted value at that end, ``margin`` its convergence tolerance)."""
+    order = np.argsort(values)
+    values, scale = values[order], scale[order]
+    if which == "largest":
+        return [(1.0, float(values[0]), tol * float(scale[0]))]
+    if which == "smallest":
+        return [(-1.0, float(values[-1]), tol * float(scale[-1]))]
+    half = len(values) // 2
+    return [(1.0, float(values[half]), tol * float(scale[half])),
+            (-1.0, float(values[half - 1]), tol * float(scale[half - 1]))]
+
+
+def _converged_vectors(V: Tensor, W: Tensor, theta: np.ndarray, S: np.ndarray, tol: float,
+                       floor: float) -> Tensor:
+    """The basis's Ritz vectors whose pairs meet the convergence test: eigenvectors to
+    working accuracy, so that deflating them leaves every other eigenvector in place."""
+    S_t = torch.as_tensor(S, dtype=V.dtype, device=V.device)
+    Y = V @ S_t
+    th = torch.as_tensor(theta, dtype=V.dtype, device=V.device)
+    residuals = torch.linalg.vector_norm(W @ S_t - Y * th, dim=0).double().cpu().numpy()
+    anorm = float(np.max(np.abs(theta)))
+    ok = residuals <= tol * np.maximum(np.abs(theta), floor * anorm)
+    return Y[:, torch.as_tensor(ok, device=V.device)]
+
+
+@dataclass
+class _Check:
+    verdict: str                      # "none", "found" or "unresolved"
+    vector: Tensor | None = None      # found: the Ritz vector beyond the level
+    product: Tensor | None = None     # and H times it
+    reach: list[tuple[float, float]] = field(default_factory=list)  # unresolved: bounds
+
+
+def _unseen(counter: Counter, Y: Tensor, levels: list[tuple[float, float, float]],
+            span: tuple[float, float], gen: torch.Generator, info: Any, max_hvps: int,
+            tol: float, floor: float) -> _Check:
+    """The multiplicity check: Lanczos on ``H`` deflated by the converged Ritz vectors
+    ``Y``, ``(I - Y Y^T) H (I - Y Y^T)`` on the complement of ``Y``, from a uniformly
+    random start, until each watched end ``(sign, level, margin)`` is decided.
+
+    ``"found"`` as soon as its extreme Ritz value ``mu`` lies beyond the level by more
+    than the margin (an eigenvalue the basis missed: a missed eigenvector is orthogonal
+    to ``Y``, so it is an eigenvector of the deflated operator). ``"none"`` once at every
+    end, after ``j`` steps, ``mu`` is inside by more than ``eps_j * a``, with ``a`` the
+    distance from the level (moved out by the margin) to the far end of the spectrum
+    ``span`` and ``eps_j = (ln(1.648 sqrt(n) / MISS_PROBABILITY) / (2j - 1))^2``: by
+    Kuczynski & Wozniakowski (1992), an eigenvalue beyond the level would have lifted
+    ``mu`` past that point except with probability ``MISS_PROBABILITY``; also when the
+    Krylov space closes (its Ritz values are then exact), or when the extreme Ritz pair
+    (for the deflated operator) has converged to ``tol`` inside the level, as any Lanczos
+    run accepts its extreme value. ``"unresolved"`` when the
+    budget runs out first, with ``(sign, mu + sign eps_j a)``: how far a missed eigenvalue
+    may still lie."""
+    n = info.dim - Y.shape[1]
+    q = orthonormalize(gaussian(info.dim, 1, gen, info), Y, 1e-10)
+    V_c, W_c = Y[:, :0], Y[:, :0]
+    reach: list[tuple[float, float]] = []
+    log_term = math.log(1.648 * math.sqrt(max(n, 1)) / MISS_PROBABILITY)
+    lo, hi = span
+    while q.shape[1] and counter.hvps < max_hvps:
+        V_c, W_c, new_W = expand(counter, V_c, W_c, q)
+        mu, S = np.linalg.eigh(projection(V_c, W_c))
+        eps_j = (log_term / (2 * len(mu) - 1)) ** 2
+        lo, hi = min(lo, float(mu[0])), max(hi, float(mu[-1]))
+        reach = []
+        anorm = max(abs(lo), abs(hi))
+        for sign, level, margin in levels:
+            j = len(mu) - 1 if sign > 0 else 0
+            s = torch.as_tensor(S[:, j], dtype=Y.dtype, device=Y.device)
+            if sign * (mu[j] - level) > margin:
+                return _Check("found", V_c @ s, W_c @ s)
+            edge = level + sign * margin
+            a = (edge - lo) if sign > 0 else (hi - edge)
+            if sign * (edge - mu[j]) > eps_j * a:
+                continue  # decided by the bound
+            # or by convergence, as any Lanczos run decides: the check's extreme Ritz pair
+            # (for the deflated operator) converged and inside the level
+            hs = W_c @ s
+            hs = hs - Y @ (Y.T @ hs)
+            r = float(torch.linalg.vector_norm(hs - float(mu[j]) * (V_c @ s)))
+            if r > tol * max(abs(float(mu[j])), floor * anorm):
+                reach.append((sign, float(mu[j]) + sign * eps_j * a))
+        if not reach:
+            return _Check("none")
+        q = next_directions(new_W, torch.cat([Y, V_c], dim=1))
+    if not q.shape[1]:  # the Krylov space closed: its Ritz values are exact
+        return _Check("none")
+    return _Check("unresolved", reach=reach)
+
+
+def _append(V: Tensor, W: Tensor, x: Tensor, hx: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``x`` made orthogonal to ``V`` (twice) and unit, appended to the basis, with its
+    product carried along by the same combination (no new product). Returns the new
+    basis, its products and the appended product (``None``: ``x`` was in the basis)."""
+    norm = torch.linalg.vector_norm(x)
+    for _ in range(2):
+        c = V.T @ x
+        x, hx = x - V @ c, hx - W @ c
+    left = torch.linalg.vector_norm(x)
+    if left <= BREAKDOWN * norm:
+        return V, W, None
+    x, hx = x / left, hx / left
+    return torch.cat([V, x[:, None]], dim=1), torch.cat([W, hx[:, None]], dim=1), hx[:, None]
+
+
+def _displaceable(values: np.ndarray, which: str, reach: list[tuple[float, float]]
+                  ) -> np.ndarray:
+    """Which of the wanted ``values`` (ascending) an eigenvalue the unfinished check could
+    not rule out (up to ``bound = mu + r`` at the top, down to ``mu - r`` at the bottom)
+    might displace: those at the watched end not beyond ``bound``."""
+    out = np.zeros(len(values), dtype=bool)
+    half = len(values) // 2
+    for sign, bound in reach:
+        side = np.ones(len(values), dtype=bool)
+        if which == "both":
+            side[:half] = sign < 0  # the bottom half is watched from below, the top from above
+            side[half:] = sign > 0
+        out |= side & (sign * (values - bound) <= 0)
+    return out
 
 
 def _wanted(theta: np.ndarray, want: int, which: str) -> np.ndarray:
