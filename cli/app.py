@@ -750,6 +750,68 @@ def export(
     render.stderr.print(f"wrote {', '.join(f'{out / n}.csv' for n in tables)}")
 
 
+def _names(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _open_store(store: Path) -> Any:
+    from hessdiag.store import Store
+
+    if not store.exists():
+        raise InputError(f"store {store} does not exist (run `hessdiag train` or `hessdiag "
+                         "spectrum --store` first, or give the path of a store)")
+    source = Store(store)
+    source.validate()
+    return source
+
+
+@app.command()
+@handles_errors
+def plot(
+    store: Path = typer.Argument(..., help="The store to draw from."),
+    what: str = typer.Option(..., "--what", help="density, eigenvalues, training, sharpness, "
+                             "alignment, layers or landscape."),
+    output: Path = typer.Option(..., "--output", "-o", help="The figure: .png, .svg or .pdf."),
+    runs: str | None = typer.Option(None, "--runs", help="Runs to draw, comma-separated ids "
+                                    "or unique prefixes (default: all)."),
+    analysis: str | None = typer.Option(None, "--analysis", help="Analyses to draw, "
+                                        "comma-separated ids or unique prefixes (default: "
+                                        "every one that applies; the last for layers and "
+                                        "landscape)."),
+    sigma: float | None = typer.Option(None, "--sigma", help="density: Gaussian width of the "
+                                       "smoothing (default: the stored one's rule)."),
+    title: str | None = typer.Option(None, "--title", help="The figure's title."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Draw a figure from a store: spectra, training curves, sharpness along training with
+    the stability threshold, alignment, per-layer sharpness, loss landscapes."""
+    from hessdiag.plot import check_path, figure, save
+
+    check_path(output)
+    source = _open_store(store)
+    fig = figure(source, what, runs=_names(runs), analyses=_names(analysis), sigma=sigma,
+                 title=title)
+    render.stdout.print(f"wrote {save(fig, output)}")
+
+
+@app.command()
+@handles_errors
+def report(
+    store: Path = typer.Argument(..., help="The store to summarise."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """One self-contained HTML page (figures embedded, no network) of a store's runs and
+    analyses."""
+    from hessdiag.report import write_report
+
+    if output.suffix.lower() not in (".html", ".htm"):
+        raise InputError(f"the report is HTML: end {str(output)!r} with .html",
+                         param="output")
+    source = _open_store(store)
+    render.stdout.print(f"wrote {write_report(source, output)}")
+
+
 @app.command()
 @handles_errors
 def models(

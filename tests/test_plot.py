@@ -1,0 +1,238 @@
+"""`hessdiag plot` and `hessdiag report`: every figure drawn from a small store shows the
+stored numbers (read back through the matplotlib objects), files are valid images of the
+expected size, and bad input is one line with exit code 2."""
+
+import base64
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hessdiag.cli.app import app
+from typer.testing import CliRunner
+
+from hessdiag.plot import DPI, SIZE, figure, moving_band, stability_threshold
+from hessdiag.records import read_spectrum
+from hessdiag.store import Store
+from hessdiag.train import TrainConfig, train
+
+matplotlib = pytest.importorskip("matplotlib")
+
+SMALL = dict(model="mlp", data="digits", model_kwargs={"hidden": 12}, samples=256,
+             batch_size=64, epochs=2, lr=0.05, seed=1, eig_every=2, sharpness_every=2,
+             sharpness_samples=64, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Two runs (SGD, SAM) with sharpness and alignment logs, and spectrum analyses of the
+    SGD run's checkpoints (one with a density and a per-layer table)."""
+    root = tmp_path_factory.mktemp("plots")
+    path = root / "s.h5"
+    source = Store(path)
+    results = {}
+    for opt in ("sgd", "sam"):
+        cfg = TrainConfig(**SMALL, optimizer=opt, run_name=f"run-{opt}",
+                          checkpoint_dir=str(root / "ckpt"))
+        results[opt] = train(cfg, store=source)
+    checkpoints = [p.decode() if isinstance(p, bytes) else str(p)
+                   for p in source.run("run-sgd").arrays["checkpoints/path"]]
+    runner = CliRunner()
+    for i, ck in enumerate(checkpoints):
+        extra = ["--density", "--per-layer", "--lambda-min"] if i == len(checkpoints) - 1 \
+            else ["--lambda-min"]
+        out = runner.invoke(app, ["spectrum", ck, "--samples", "128", "--top-k", "2",
+                                  "--store", str(path), "--quiet", *extra])
+        assert out.exit_code == 0, out.output
+    return source
+
+
+def _line(ax, gid):
+    hits = [line for line in ax.get_lines() if line.get_gid() == gid]
+    assert len(hits) == 1, [line.get_gid() for line in ax.get_lines()]
+    return hits[0]
+
+
+def test_training_curves_are_the_stored_metrics(store):
+    fig = figure(store, "training")
+    loss_ax, acc_ax = fig.axes[:2]
+    for run in store.runs():
+        x = run.arrays
+        line = _line(loss_ax, f"loss:{run.id}")
+        np.testing.assert_array_equal(line.get_xdata(), x["metrics/step"])
+        np.testing.assert_array_equal(line.get_ydata(), x["metrics/loss"])
+        test = _line(acc_ax, f"test_acc:{run.id}")
+        keep = np.isfinite(x["metrics/test_acc"])
+        np.testing.assert_array_equal(test.get_ydata(), x["metrics/test_acc"][keep])
+
+
+def test_sharpness_shows_lambda_max_and_the_stability_threshold_at_the_logged_lr(store):
+    fig = figure(store, "sharpness", runs=["run-sgd", "run-sam"])
+    ax = fig.axes[0]
+    for run in store.runs():
+        x = run.arrays
+        container = [c for c in ax.containers if c.lines[0].get_gid() == f"lambda_max:{run.id}"]
+        assert len(container) == 1
+        data_line = container[0].lines[0]
+        np.testing.assert_array_equal(data_line.get_xdata(), x["sharpness/step"])
+        np.testing.assert_array_equal(data_line.get_ydata(), x["sharpness/lambda_max"])
+        threshold = _line(ax, f"threshold:{run.id}")
+        momentum, lr = run.attrs["config"]["momentum"], x["metrics/lr"]
+        np.testing.assert_allclose(threshold.get_ydata(), 2 * (1 + momentum) / lr)
+        np.testing.assert_array_equal(threshold.get_xdata(), x["metrics/step"])
+
+
+def test_stability_threshold_is_two_over_lr_without_momentum_and_absent_for_adam():
+    class Run:
+        def __init__(self, config):
+            self.attrs = {"config": config}
+            self.arrays = {"metrics/step": np.array([1.0, 2.0]),
+                           "metrics/lr": np.array([0.1, 0.05])}
+
+    steps, values = stability_threshold(Run({"momentum": 0.0, "base": "sgd"}))
+    np.testing.assert_allclose(values, [20.0, 40.0])
+    assert stability_threshold(Run({"momentum": 0.9, "base": "adam"})) is None
+
+
+def test_alignment_band_is_the_t_interval_of_each_window(store):
+    fig = figure(store, "alignment", runs=["run-sam"])
+    ax = fig.axes[0]
+    x = store.run("run-sam").arrays
+    cos = x["sharpness/alignment"]
+    keep = np.isfinite(cos)
+    np.testing.assert_array_equal(_line(ax, "alignment:run-sam").get_ydata(), cos[keep])
+    mean = _line(ax, "mean:run-sam").get_ydata()
+    w = max(3, keep.sum() // 10) | 1
+    expected_mean, low, high = moving_band(cos[keep], w)
+    np.testing.assert_allclose(mean, expected_mean)
+    # the band: windows of >= 2 values hold the Student-t interval around their mean
+    from hessdiag.curvature.stats import mean_interval
+    window = cos[keep][:2]  # the first centred window of 3 is cut to 2 values
+    _, _, lo, hi = mean_interval(window)
+    assert low[0] == pytest.approx(lo) and high[0] == pytest.approx(hi)
+
+
+def test_moving_band_of_constant_values_has_zero_width():
+    mean, low, high = moving_band(np.full(7, 0.4), 3)
+    np.testing.assert_allclose(mean, 0.4)
+    np.testing.assert_allclose(low, 0.4)
+    np.testing.assert_allclose(high, 0.4)
+
+
+def test_eigenvalues_across_checkpoints_with_residual_error_bars(store):
+    fig = figure(store, "eigenvalues", runs=["run-sgd"])
+    ax = fig.axes[0]
+    records = sorted((r for r in store.analyses() if r.attrs.get("run_id") == "run-sgd"),
+                     key=lambda r: r.attrs["step"])
+    assert len(records) >= 2
+    results = [read_spectrum(r) for r in records]
+    top = [c for c in ax.containers if c.lines[0].get_gid() == "top:0"][0]
+    np.testing.assert_array_equal(top.lines[0].get_xdata(), [r.attrs["step"] for r in records])
+    np.testing.assert_allclose(top.lines[0].get_ydata(),
+                               [res.top.eigenvalues[0] for res in results])
+    # the error bar's half-height is the residual
+    segments = top.lines[2][0].get_segments()
+    np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments],
+                               [2 * res.top.residuals[0] for res in results], rtol=1e-6)
+    bottom = [c for c in ax.containers if c.lines[0].get_gid() == "bottom"][0]
+    np.testing.assert_allclose(bottom.lines[0].get_ydata(),
+                               [res.bottom.eigenvalues[0] for res in results])
+
+
+def test_density_is_recomputed_from_the_stored_nodes_and_weights(store):
+    record = [r for r in store.analyses() if "slq/nodes" in r.arrays][0]
+    result = read_spectrum(record)
+    for sigma in (None, 0.05):
+        fig = figure(store, "density", sigma=sigma)
+        line = _line(fig.axes[0], f"density:{record.id}")
+        grid, dens, _ = result.density.density(sigma=sigma)
+        np.testing.assert_allclose(line.get_xdata(), grid)
+        floor = max(float(dens.max()) * 1e-8, 1e-300)
+        np.testing.assert_allclose(line.get_ydata(), np.maximum(dens, floor))
+        marks = [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == f"eigenvalue:{record.id}"]
+        np.testing.assert_allclose([m.get_xdata()[0] for m in marks], result.top.eigenvalues)
+
+
+def test_layers_bars_are_the_per_layer_lambda_max(store):
+    record = [r for r in store.analyses() if "layers/lambda_max" in r.arrays][0]
+    result = read_spectrum(record)
+    fig = figure(store, "layers", analyses=[record.id])
+    bars = [p for p in fig.axes[0].patches]
+    np.testing.assert_allclose([b.get_width() for b in bars],
+                               [layer.lambda_max for layer in result.layers])
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg", ".pdf"])
+def test_plot_command_writes_an_image_of_the_expected_size(store, tmp_path, suffix):
+    out = tmp_path / f"sharp{suffix}"
+    res = CliRunner().invoke(app, ["plot", str(store.path), "--what", "sharpness", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    data = out.read_bytes()
+    if suffix == ".png":
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert (width, height) == (round(SIZE[0] * DPI), round(SIZE[1] * DPI))
+    elif suffix == ".svg":
+        assert b"<svg" in data[:500] and b"</svg>" in data[-100:]
+    else:
+        assert data.startswith(b"%PDF") and b"%%EOF" in data[-50:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--what", "bogus"], "unknown figure 'bogus'"),
+    (["--what", "training", "--runs", "nope"], "run 'nope' is not in"),
+    (["--what", "layers", "--analysis", "zzz"], "analysis 'zzz' is not a spectrum analysis"),
+    (["--what", "density", "--sigma", "-1"], "sigma must be positive"),
+])
+def test_plot_bad_input_is_one_line_and_exit_2(store, tmp_path, args, message):
+    res = CliRunner().invoke(app, ["plot", str(store.path), *args, "-o", str(tmp_path / "f.png")])
+    assert res.exit_code == 2
+    assert message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_plot_refuses_an_unknown_format_and_a_missing_store(store, tmp_path):
+    res = CliRunner().invoke(app, ["plot", str(store.path), "--what", "training",
+                                   "-o", str(tmp_path / "f.jpgx")])
+    assert res.exit_code == 2 and "figure format" in res.output
+    res = CliRunner().invoke(app, ["plot", str(tmp_path / "none.h5"), "--what", "training",
+                                   "-o", str(tmp_path / "f.png")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_report_is_one_self_contained_page_with_every_figure(store, tmp_path):
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(app, ["report", str(store.path), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    ids = re.findall(r"<figure id=(\w+)>", text)
+    assert ids == ["training", "sharpness", "alignment", "eigenvalues", "density", "layers"]
+    for data in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text):
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in store.runs():
+        assert run.id in text
+    for record in store.analyses():
+        assert record.id in text
+
+
+def test_report_of_an_empty_store_says_nothing_to_draw(tmp_path):
+    from hessdiag.report import render_report
+
+    path = tmp_path / "e.h5"
+    Store(path).create_run("r", {"config": {}})
+    assert "nothing to draw yet" in render_report(Store(path))
+
+
+def test_figures_never_need_the_checkpoints(store, tmp_path, monkeypatch):
+    """Figures come from the store alone: moving the checkpoints away changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = Path(store.path).parent / "ckpt"
+    moved = ckpt.with_name("moved")
+    ckpt.rename(moved)
+    try:
+        for what in ("training", "sharpness", "alignment", "eigenvalues", "density", "layers"):
+            figure(store, what)
+    finally:
+        moved.rename(ckpt)
