@@ -236,3 +236,30 @@ def test_figures_never_need_the_checkpoints(store, tmp_path, monkeypatch):
             figure(store, what)
     finally:
         moved.rename(ckpt)
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser",
+                             "/usr/bin/google-chrome") if Path(p).exists()), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine "
+                    "(apt-get install chromium)")
+def test_report_renders_in_headless_chromium(store, tmp_path):
+    """The page as a browser draws it, offline: the screenshot holds the figures (the
+    embedded images decode and cover a large part of the page)."""
+    import subprocess
+
+    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    from hessdiag.report import write_report
+
+    write_report(store, page)
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400",
+                    f"--screenshot={shot}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    image = matplotlib.image.imread(shot)
+    assert image.shape[:2] == (2400, 1200)
+    not_white = (image[..., :3] < 0.9).any(axis=2)
+    # text alone covers a few percent; figures with their lines, bands and fills far more
+    assert not_white.mean() > 0.05
