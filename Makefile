@@ -23,8 +23,11 @@ demo: $(VENV)/.installed
 		--eig-every 10 --sharpness-every 24 --run-name demo \
 		--checkpoint-dir demo-output/checkpoints --store demo-output/hessdiag.h5
 	$(BIN)/hessdiag spectrum demo-output/checkpoints/demo/step-000120.pt --lambda-min --trace \
-		--density --store demo-output/hessdiag.h5 --plot demo-output/density.png
+		--density --store demo-output/hessdiag.h5
 	$(BIN)/hessdiag show demo-output/hessdiag.h5
+	$(BIN)/hessdiag plot demo-output/hessdiag.h5 --what sharpness -o demo-output/sharpness.png
+	$(BIN)/hessdiag plot demo-output/hessdiag.h5 --what density -o demo-output/density.png
+	$(BIN)/hessdiag report demo-output/hessdiag.h5 -o demo-output/report.html
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
