@@ -24,6 +24,8 @@ RULES = ("sam", "asam", "eigensam", "eigensam-exact")
 OPTIMIZERS = ("sgd", "sam", "eigensam")
 BASES = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+SHARPNESS_MEASURES = ("critical", "worst-case", "adaptive")
+PRECONDITIONERS = ("none", "adam")
 
 
 @dataclass(frozen=True)
