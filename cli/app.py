@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from hessdiag.settings import (
     OPTIMIZERS,
     RULES,
     SCHEDULES,
+    SHARPNESS_MEASURES,
     SPLITS,
     TRACE_METHODS,
     AlignSettings,
@@ -307,6 +309,73 @@ def spectrum(
 
 @app.command()
 @handles_errors
+def sharpness(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files."),
+    measure: str = typer.Option("critical", "--measure", help=_choices(SHARPNESS_MEASURES)
+                                + ": critical = 2/lr_c by a line search along the gradient "
+                                "(forward passes only); worst-case = max loss rise within "
+                                "||delta|| <= rho; adaptive = the same in the ball scaled by "
+                                "|theta| (ASAM)."),
+    rho: float = typer.Option(0.05, "--rho", help="worst-case, adaptive: the radius."),
+    steps: int = typer.Option(5, "--steps", help="worst-case, adaptive: ascent steps."),
+    model: str | None = MODEL_OPTION,
+    data: str | None = DATA_OPTION,
+    loss: str | None = LOSS_OPTION,
+    data_root: Path | None = DATA_ROOT_OPTION,
+    split: str = typer.Option(DATA.split, "--split", help=_choices(SPLITS) + "."),
+    samples: int | None = SAMPLES_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    store: Path = STORE_OPTION,
+    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="Allow checkpoints that "
+                                     "hold pickled Python objects (runs code)."),
+    as_json: bool = JSON_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Sharpness measures beside the eigenvalues: critical sharpness (2/lr_c), worst-case
+    (SAM's) and adaptive (ASAM's) sharpness, each stored as an analysis."""
+    from hessdiag.sharpness import sharpness_of_checkpoint
+    from hessdiag.store import Store
+    from hessdiag.task import load_task
+
+    if measure not in SHARPNESS_MEASURES:
+        raise InputError(f"unknown sharpness measure {measure!r}; choose one of "
+                         f"{', '.join(SHARPNESS_MEASURES)}", param="measure")
+    if not rho > 0 or steps < 1:
+        raise InputError("--rho must be positive and --steps at least 1")
+    DataSettings(split=split)  # validates
+    data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
+                                 split=split, samples=samples, batch_size=batch_size)
+    SpectrumSettings(dtype=dtype, device=device)
+    target = Store(store)
+    target.check_writable()
+    for path in checkpoints:
+        load_task(str(path), data=data_settings, model_spec=model, loss=loss,
+                  unsafe=unsafe_load)
+    for path in checkpoints:
+        result, task, analysis_id = sharpness_of_checkpoint(
+            str(path), measure, rho=rho, steps=steps, data=data_settings, model_spec=model,
+            loss=loss, unsafe=unsafe_load, dtype=dtype, device=device, store=target)
+        if as_json:
+            render.emit_json({"checkpoint": str(path), **result.to_dict(),
+                              "analysis_id": analysis_id})
+            continue
+        low, high = result.interval
+        bound = (f"[{render.fmt(low)}, {render.fmt(high)}]" if math.isfinite(high)
+                 else f"a lower bound (ascent, {result.settings.get('steps')} steps)")
+        extra = (f", lr_c = {render.fmt(result.lr_c)}" if result.lr_c is not None
+                 else f", rho = {result.rho}")
+        render.stdout.print(
+            f"{path}: {result.measure} sharpness = {render.fmt(result.value)} {bound}{extra}; "
+            f"loss {render.fmt(result.loss)} on {result.samples} terms, "
+            f"{result.forward_passes} forward + {result.backward_passes} backward passes, "
+            f"{result.seconds:.2f} s")
+        render.stdout.print(f"analysis {analysis_id} written to {store}")
+
+
+@app.command()
+@handles_errors
 def train(
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
@@ -543,8 +612,9 @@ def align(
 
 
 CHECK_METRIC_OPTION = typer.Option(None, "--metric", help="lambda_max, lambda_min, "
-                                   "lambda_ratio, trace, top_k or alignment (mean |cos| of "
-                                   "SAM perturbations); repeat the option; default: "
+                                   "lambda_ratio, trace, top_k, alignment (mean |cos| of "
+                                   "SAM perturbations), critical_sharpness or "
+                                   "adaptive_sharpness; repeat the option; default: "
                                    "lambda_max and trace.")
 
 
@@ -702,12 +772,24 @@ def show(
         render.stdout.print(render.runs_table(runs, f"{store}: {len(runs)} runs"))
     spectra = [r for r in rows if r["kind"] == "spectrum"]
     alignments = [r for r in rows if r["kind"] == "alignment"]
-    if spectra or not alignments:
+    if spectra or len(spectra) == len(rows):
         render.stdout.print(render.analyses_table(spectra, f"{store}: {len(spectra)} spectrum "
                                                   "analyses"))
     if alignments:
         render.stdout.print(render.alignments_table(alignments, f"{store}: {len(alignments)} "
                                                     "alignment analyses"))
+    measures = [{key: row[key] for key in ("analysis_id", "checkpoint_path", "step", "measure",
+                                           "sharpness", "sharpness_low", "sharpness_high",
+                                           "rho", "lr_c", "samples", "forward_passes")}
+                for row in rows if row["kind"] == "sharpness"]
+    if measures:
+        for row in measures:
+            row["checkpoint_path"] = Path(row["checkpoint_path"] or "-").name
+            row.update({k: render.fmt(v) for k, v in row.items() if isinstance(v, float)})
+            row.update({k: "-" for k, v in row.items() if v is None})
+        render.stdout.print(render.rows_table(measures, f"{store}: {len(measures)} sharpness "
+                                              "measurements (low/high: bounds; no high: an "
+                                              "ascent's lower bound)"))
     for record in records:
         if "slq/density" in record.arrays:
             render.stdout.print(render.density_sketch(record))

@@ -21,7 +21,10 @@ magnitude of the most negative eigenvalue, ``lambda_ratio`` the ratio
 ``|cos|`` of the perturbations of the baseline's rule with the top eigenvector, over
 minibatches; stochastic) is worse when *lower*: the check fails when it drops below
 ``baseline * (1 - rtol) - noise``, i.e. when the perturbation stopped following the
-sharpest direction. Absolute limits
+sharpest direction. ``critical_sharpness`` (``2 / lr_c``, see :mod:`hessdiag.sharpness`)
+counts half the width of its final line-search bracket as its noise;
+``adaptive_sharpness`` (rho 0.05, 5 ascent steps) is deterministic given the data and
+has none. Both are sharper when larger. Absolute limits
 (``max_lambda``, ``max_trace``, ``max_ratio``) apply with or without a baseline.
 
 A baseline whose settings cannot be reproduced (another model, data, loss, split or
@@ -43,14 +46,18 @@ from hessdiag.curvature.stats import mean_interval
 from hessdiag.measures import checkpoint_alignment, compute_spectrum
 from hessdiag.records import provenance, read_spectrum
 from hessdiag.results import SpectrumResult
-from hessdiag.runtime import versions
+from hessdiag.runtime import resolve_device, resolve_dtype, versions
+from hessdiag.sharpness import measure_sharpness
 from hessdiag.settings import AlignSettings, DataSettings, SpectrumSettings
 from hessdiag.store import Store, now
 from hessdiag.task import Task, load_task
 
 FORMAT = "hessdiag-baseline"
 SCHEMA_VERSION = 1
-METRICS = ("lambda_max", "lambda_min", "lambda_ratio", "trace", "top_k", "alignment")
+METRICS = ("lambda_max", "lambda_min", "lambda_ratio", "trace", "top_k", "alignment",
+           "critical_sharpness", "adaptive_sharpness")
+# sharpness measures beside the spectrum (hessdiag.sharpness), with their defaults
+SHARPNESS_METRICS = {"critical_sharpness": "critical", "adaptive_sharpness": "adaptive"}
 DEFAULT_METRICS = ("lambda_max", "trace")
 Z_ONE_SIDED_95 = 1.6448536269514722
 
@@ -152,9 +159,11 @@ def _settings_for(metrics: tuple[str, ...], settings: SpectrumSettings) -> Spect
 
 
 def metric_values(result: SpectrumResult, metrics: tuple[str, ...],
-                  alignment: Any = None) -> dict[str, Any]:
+                  alignment: Any = None, sharpness: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
     """Each metric's value with what its noise is made of (``alignment``: an
-    :class:`hessdiag.results.AlignmentResult` when the metrics include it)."""
+    :class:`hessdiag.results.AlignmentResult` when the metrics include it; ``sharpness``:
+    a :class:`hessdiag.sharpness.SharpnessResult` per sharpness metric)."""
     out: dict[str, Any] = {}
     top, bottom = result.top, result.bottom
     for metric in metrics:
@@ -175,6 +184,14 @@ def metric_values(result: SpectrumResult, metrics: tuple[str, ...],
         elif metric == "trace":
             out[metric] = {"value": result.trace.estimate, "stderr": result.trace.stderr,
                            "n": result.trace.n_probes, "kind": "stochastic"}
+        elif metric in SHARPNESS_METRICS:
+            measured = (sharpness or {})[metric]
+            low, high = measured.interval
+            # critical: half the width of the final bracket; adaptive: deterministic
+            # given the data (a lower bound from a fixed number of ascent steps)
+            half = 0.5 * (high - low) if math.isfinite(high) else 0.0
+            out[metric] = {"value": measured.value, "residual": half, "kind": "bracket",
+                           "rho": measured.rho, "steps": measured.settings.get("steps")}
         elif metric == "alignment":
             _, stderr, _, _ = mean_interval(np.abs(alignment.cosines))
             out[metric] = {"value": alignment.alignment, "stderr": stderr,
@@ -254,7 +271,13 @@ def _measure(task: Task, checkpoint: str, metrics: tuple[str, ...], settings: Sp
         alignment, _ = checkpoint_alignment(checkpoint, settings=align or AlignSettings(),
                                             data=data, model_spec=model_spec, loss=loss,
                                             unsafe=unsafe, progress=progress)
-    return result, metric_values(result, metrics, alignment)
+    sharpness = {}
+    for metric, measure in SHARPNESS_METRICS.items():
+        if metric in metrics:
+            sharpness[metric] = measure_sharpness(
+                task.model, task.loss, task.batches(data.batch_size), measure,
+                device=resolve_device(settings.device), dtype=resolve_dtype(settings.dtype))
+    return result, metric_values(result, metrics, alignment, sharpness)
 
 
 def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS,

@@ -26,6 +26,7 @@ import numpy as np
 from hessdiag.curvature import EigenResult, SLQResult, TraceResult
 from hessdiag.results import AlignmentResult, LayerSharpness, SpectrumResult
 from hessdiag.runtime import versions
+from hessdiag.sharpness import SharpnessResult
 from hessdiag.store import Record, Store
 
 # the columns of a run's tables, in order (``hessdiag train`` and ``AlignmentProbe``)
@@ -270,10 +271,36 @@ def read_alignment(record: Record) -> AlignmentResult:
         topk_share_ci95=None if share_ci is None else tuple(float(v) for v in share_ci))
 
 
-READERS = {"spectrum": read_spectrum, "alignment": read_alignment}
+# --------------------------------------------------------------------------- sharpness
 
 
-def read_result(record: Record) -> SpectrumResult | AlignmentResult:
+def write_sharpness(store: Store, result: SharpnessResult, origin: dict[str, Any]) -> str:
+    """Write a sharpness measurement (critical, worst-case, adaptive); returns its id."""
+    d = result.to_dict()
+    attrs = {**origin, "measure": result.measure, "method": result.measure,
+             "seconds": result.seconds, "settings": result.settings,
+             "solvers": {"sharpness": {k: v for k, v in d.items()
+                                       if k not in ("history", "interval")}}}
+    arrays = {"sharpness/value": result.value,
+              "sharpness/interval": np.array(result.interval, dtype=float),
+              "sharpness/history": np.array(result.history, dtype=float)}
+    return store.write_analysis("sharpness", attrs, arrays)
+
+
+def read_sharpness(record: Record) -> SharpnessResult:
+    """The :class:`SharpnessResult` a sharpness record holds."""
+    meta = dict((record.attrs.get("solvers") or {}).get("sharpness") or {})
+    x = record.arrays
+    meta["interval"] = [float(v) for v in x["sharpness/interval"]]
+    meta["history"] = [float(v) for v in np.asarray(x["sharpness/history"]).ravel()]
+    return SharpnessResult.from_dict(meta)
+
+
+READERS = {"spectrum": read_spectrum, "alignment": read_alignment,
+           "sharpness": read_sharpness}
+
+
+def read_result(record: Record) -> SpectrumResult | AlignmentResult | SharpnessResult:
     """The result an analysis record holds, whatever its kind."""
     if record.kind not in READERS:
         raise ValueError(f"analysis {record.id} is of kind {record.kind!r}, which this "
@@ -291,7 +318,8 @@ SUMMARY_COLUMNS = (
     "lambda_min", "lambda_min_residual", "lambda_ratio", "trace", "trace_stderr",
     "trace_method", "slq_sigma", "layers", "perturbation", "alignment", "alignment_ci95_low",
     "alignment_ci95_high", "alignment_signed", "alignment_signed_ci95_low",
-    "alignment_signed_ci95_high", "alignment_batches", "topk_share", "hessdiag_version",
+    "alignment_signed_ci95_high", "alignment_batches", "topk_share", "measure", "sharpness",
+    "sharpness_low", "sharpness_high", "rho", "lr_c", "forward_passes", "hessdiag_version",
 )
 """The columns of :func:`summary` (the same for every kind, ``None`` where absent)."""
 
@@ -337,6 +365,13 @@ def summary(record: Record) -> dict[str, Any]:
             "trace_method": d["trace_method"],
             "slq_sigma": _scalar(record.arrays, "slq/sigma"),
             "layers": len(result.layers) or None,
+        })
+    elif isinstance(result, SharpnessResult):
+        row.update({
+            "measure": result.measure, "sharpness": result.value,
+            "sharpness_low": result.interval[0],
+            "sharpness_high": None if math.isinf(result.interval[1]) else result.interval[1],
+            "rho": result.rho, "lr_c": result.lr_c, "forward_passes": result.forward_passes,
         })
     else:
         d = result.to_dict()

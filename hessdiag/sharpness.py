@@ -274,3 +274,33 @@ def measure_sharpness(model: nn.Module, loss_fn: Any, batches: Any, measure: str
         return critical_sharpness(model, loss_fn, batches, device=device, dtype=dtype)
     return ascent_sharpness(model, loss_fn, batches, rho=rho, adaptive=measure == "adaptive",
                             steps=steps, device=device, dtype=dtype)
+
+
+def sharpness_of_checkpoint(checkpoint: str, measure: str, *, rho: float = 0.05,
+                            steps: int = 5, data: Any = None, model_spec: str | None = None,
+                            loss: str | None = None, unsafe: bool = False,
+                            dtype: str = "float32", device: str = "auto",
+                            store: Any = None) -> tuple[SharpnessResult, Any, str | None]:
+    """One measure at a checkpoint's task (its model, data and loss, as ``spectrum``
+    measures them); written to ``store`` when given. Returns ``(result, task, id)``."""
+    from hessdiag.records import provenance, write_sharpness
+    from hessdiag.runtime import resolve_device, resolve_dtype
+    from hessdiag.settings import DataSettings
+    from hessdiag.task import load_task
+
+    if measure not in SHARPNESS_MEASURES:
+        raise InputError(f"unknown sharpness measure {measure!r}; choose one of "
+                         f"{', '.join(SHARPNESS_MEASURES)}", param="measure")
+    data = data or DataSettings()
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
+    target = resolve_device(device)
+    task.model.to(target)
+    result = measure_sharpness(task.model, task.loss, task.batches(data.batch_size), measure,
+                               rho=rho, steps=steps, device=target,
+                               dtype=resolve_dtype(dtype))
+    analysis_id = None
+    if store is not None:
+        origin = provenance(task)
+        origin["data"] = {**origin["data"], "batch_size": data.batch_size}
+        analysis_id = write_sharpness(store, result, origin)
+    return result, task, analysis_id

@@ -185,3 +185,58 @@ def test_adam_preconditioner_needs_adam_state():
 def test_adam_threshold_is_38_over_lr_at_beta1_09():
     assert adam_threshold(0.01, 0.9) == pytest.approx(3800.0)
     assert math.isclose(adam_threshold(1.0, 0.0), 2.0)
+
+
+# --------------------------------------------------------------------------- CLI and store
+
+
+def test_sharpness_command_stores_an_analysis_that_reads_back(tmp_path):
+    import json
+
+    from hessdiag.cli.app import app
+    from typer.testing import CliRunner
+
+    from hessdiag.records import read_result, summary
+    from hessdiag.store import Store
+
+    store = tmp_path / "s.h5"
+    out = CliRunner().invoke(app, ["sharpness", "checkpoints/digits-mlp.pt", "--samples", "256",
+                                   "--store", str(store), "--json"])
+    assert out.exit_code == 0, out.output
+    printed = json.loads(out.output)
+    record = Store(store).analysis(printed["analysis_id"])
+    assert read_result(record).to_dict() == {k: v for k, v in printed.items()
+                                             if k not in ("checkpoint", "analysis_id")}
+    row = summary(record)
+    assert row["measure"] == "critical" and row["sharpness"] == printed["value"]
+    assert row["forward_passes"] <= 20
+    res = CliRunner().invoke(app, ["sharpness", "checkpoints/digits-mlp.pt", "--measure",
+                                   "flatness", "--store", str(store)])
+    assert res.exit_code == 2 and "unknown sharpness measure 'flatness'" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_sharpness_metrics_in_check_fail_a_sharper_model(tmp_path):
+    """A baseline with critical and adaptive sharpness: the same checkpoint passes; the
+    checkpoint with its last layer halved (softer outputs: more cross-entropy curvature,
+    critical sharpness about 1.8x, adaptive about 3x on these samples) fails both."""
+    from hessdiag.check import check, make_baseline
+    from hessdiag.checkpoints import load_checkpoint, save_checkpoint
+    from hessdiag.settings import DataSettings
+
+    data = DataSettings(samples=256)
+    metrics = ("critical_sharpness", "adaptive_sharpness")
+    base = make_baseline("checkpoints/digits-mlp.pt", metrics=metrics, data=data)
+    assert check("checkpoints/digits-mlp.pt", baseline=base).passed
+    loaded = load_checkpoint("checkpoints/digits-mlp.pt")
+    model = loaded.model
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(0.5)
+    sharper = tmp_path / "sharper.pt"
+    save_checkpoint(sharper, model, model_spec=loaded.info.model_spec,
+                    model_kwargs=loaded.info.model_kwargs, data=loaded.info.data)
+    result = check(str(sharper), baseline=base)
+    assert not result.passed
+    failed = {row.metric for row in result.rows if not row.ok}
+    assert failed == set(metrics), result.table()
