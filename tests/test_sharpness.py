@@ -238,5 +238,5 @@ def test_sharpness_metrics_in_check_fail_a_sharper_model(tmp_path):
                     model_kwargs=loaded.info.model_kwargs, data=loaded.info.data)
     result = check(str(sharper), baseline=base)
     assert not result.passed
-    failed = {row.metric for row in result.rows if not row.ok}
+    failed = {row.metric for row in result.rows if not row.passed}
     assert failed == set(metrics), result.table()
