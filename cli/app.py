@@ -233,6 +233,11 @@ def spectrum(
                                                "--hvp-mode auto may use (default: a quarter "
                                                "of the available memory, half of a GPU's "
                                                "free memory)."),
+    preconditioner: str = typer.Option(SPECTRUM.preconditioner, "--preconditioner",
+                                       help="none, or adam: the spectrum of P^-1/2 H P^-1/2 "
+                                       "with Adam's second moments from the checkpoint's "
+                                       "optimizer state (preconditioned sharpness; its "
+                                       "stability threshold is (2+2 beta1)/((1-beta1) lr))."),
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     seed: int = SEED_OPTION,
@@ -261,7 +266,8 @@ def spectrum(
                                 tol=tol, trace_hvps=trace_hvps, slq_probes=slq_probes,
                                 slq_steps=slq_steps, params=params, per_layer=per_layer,
                                 dtype=dtype, device=device, hvp_mode=hvp_mode,
-                                memory_budget=memory_budget, seed=seed)
+                                memory_budget=memory_budget, seed=seed,
+                                preconditioner=preconditioner)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
                                  download=download, split=split, samples=samples,
                                  batch_size=batch_size)

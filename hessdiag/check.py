@@ -47,8 +47,8 @@ from hessdiag.measures import checkpoint_alignment, compute_spectrum
 from hessdiag.records import provenance, read_spectrum
 from hessdiag.results import SpectrumResult
 from hessdiag.runtime import resolve_device, resolve_dtype, versions
-from hessdiag.sharpness import measure_sharpness
 from hessdiag.settings import AlignSettings, DataSettings, SpectrumSettings
+from hessdiag.sharpness import measure_sharpness
 from hessdiag.store import Store, now
 from hessdiag.task import Task, load_task
 

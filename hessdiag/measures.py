@@ -35,6 +35,11 @@ from hessdiag.curvature import (
     slq,
 )
 from hessdiag.curvature.linear import Progress
+from hessdiag.curvature.preconditioned import (
+    PreconditionedOperator,
+    adam_preconditioner,
+    adam_threshold,
+)
 from hessdiag.curvature.stats import mean_interval
 from hessdiag.data import to_device
 from hessdiag.optim import perturbation
@@ -165,9 +170,12 @@ class AlignmentProbe:
 
 def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
                      settings: SpectrumSettings | None = None, *,
+                     optimizer_state: dict[str, Any] | None = None,
                      progress: Progress = None) -> SpectrumResult:
     """Analyse the Hessian of ``loss_fn`` (the mean over ``data``'s samples, or terms: a
-    :class:`hessdiag.losses.Loss` weights batches by its count) at the model's weights."""
+    :class:`hessdiag.losses.Loss` weights batches by its count) at the model's weights.
+    ``optimizer_state``: the state dict of the optimizer that trained the model, for
+    ``settings.preconditioner="adam"``."""
     s = settings or SpectrumSettings()
     start = time.perf_counter()
     weight = getattr(loss_fn, "batch_weight", None)
@@ -175,6 +183,14 @@ def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
     budget = None if s.memory_budget is None else int(s.memory_budget * (1 << 30))
     op = HessianOperator(model, loss_fn, data, params=s.params, dtype=dtype, device=device,
                          mode=s.hvp_mode, batch_size_fn=weight, memory_budget=budget)
+    if s.preconditioner == "adam":
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        try:
+            diagonal, adam = adam_preconditioner(optimizer_state, trainable, op.param_names)
+        except ValueError as exc:
+            raise InputError(str(exc), param="preconditioner") from exc
+        op = PreconditionedOperator(op, diagonal, {
+            "kind": "adam", **adam, "threshold": adam_threshold(adam["lr"], adam["beta1"])})
     if s.method == "lanczos":
         top = lanczos(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress)
     else:

@@ -108,6 +108,9 @@ class SpectrumResult:
             "dtype": self.operator.get("dtype"),
             "device": self.operator.get("device"),
         }
+        if self.operator.get("preconditioner"):
+            # the eigenvalues are of P^-1/2 H P^-1/2; ``threshold`` is its stability bound
+            out["preconditioner"] = self.operator["preconditioner"]
         if self.density is not None:
             trace, se = self.density.trace()
             out["density"] = {"n_probes": self.density.n_probes, "steps": self.density.steps,

@@ -65,8 +65,10 @@ class SpectrumSettings:
     ``per_layer`` adds, for each parameterised module, the top eigenvalue and trace of its
     diagonal block (and computes the whole trace). ``memory_budget`` (GiB) bounds the
     gradient graphs ``hvp_mode="auto"`` may keep (default: see
-    :func:`hessdiag.curvature.operator.default_memory_budget`). Every stochastic part is
-    seeded from ``seed``.
+    :func:`hessdiag.curvature.operator.default_memory_budget`). ``preconditioner="adam"``
+    analyses ``P^-1/2 H P^-1/2`` with Adam's ``P = diag(sqrt(v_hat) + eps)`` from the
+    checkpoint's optimizer state (the preconditioned sharpness of Cohen et al. 2022).
+    Every stochastic part is seeded from ``seed``.
     """
 
     top_k: int = 5
@@ -85,12 +87,18 @@ class SpectrumSettings:
     device: str = "auto"
     hvp_mode: str = "auto"
     memory_budget: float | None = None
+    preconditioner: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [
             (self.memory_budget is None or self.memory_budget > 0, "memory_budget",
              "positive (GiB)", self.memory_budget),
+            (self.preconditioner in PRECONDITIONERS, "preconditioner",
+             f"one of {', '.join(PRECONDITIONERS)}", self.preconditioner),
+            (self.preconditioner == "none" or not self.per_layer, "per_layer",
+             "off with a preconditioner (per-layer blocks are of the plain Hessian)",
+             self.per_layer),
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method),
             (self.trace_method in TRACE_METHODS, "trace_method",
              f"one of {', '.join(TRACE_METHODS)}", self.trace_method),

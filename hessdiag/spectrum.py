@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hessdiag._errors import InputError
 from hessdiag.curvature import HessianOperator
 from hessdiag.curvature.linear import Progress
 from hessdiag.measures import compute_spectrum, parameterised_modules
@@ -37,6 +38,10 @@ class CheckpointSpectrum:
 def check_settings(task: Task, settings: SpectrumSettings) -> None:
     """What can be checked before computing: the device and the parameter selection."""
     resolve_device(settings.device)
+    if settings.preconditioner == "adam" and not task.optimizer_state:
+        raise InputError("--preconditioner adam needs the optimizer state: this checkpoint "
+                         "has none (hessdiag train saves it; save yours with "
+                         "optimizer.state_dict())", param="preconditioner")
     if settings.params is not None:
         HessianOperator(task.model, task.loss, [task.first_batch()], params=settings.params)
 
@@ -59,7 +64,7 @@ def analyse_checkpoint(
     task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
     check_settings(task, settings)
     result = compute_spectrum(task.model, task.loss, task.batches(data.batch_size), settings,
-                              progress=progress)
+                              optimizer_state=task.optimizer_state, progress=progress)
     analysis_id = None
     if store is not None:
         origin = provenance(task)

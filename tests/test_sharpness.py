@@ -240,3 +240,44 @@ def test_sharpness_metrics_in_check_fail_a_sharper_model(tmp_path):
     assert not result.passed
     failed = {row.metric for row in result.rows if not row.passed}
     assert failed == set(metrics), result.table()
+
+
+def test_spectrum_with_the_adam_preconditioner_from_a_trained_checkpoint(tmp_path):
+    """`hessdiag train --base adam` saves the optimizer state; `spectrum --preconditioner
+    adam` gives the eigenvalues of P^-1/2 H P^-1/2 (dense truth) with Adam's threshold."""
+    import json
+
+    from conftest import dense_hessian
+    from hessdiag.cli.app import app
+    from typer.testing import CliRunner
+
+    from hessdiag.settings import DataSettings
+    from hessdiag.store import Store
+    from hessdiag.task import load_task
+    from hessdiag.train import TrainConfig, train
+
+    cfg = TrainConfig(model="mlp", data="digits", model_kwargs={"hidden": 6}, samples=128,
+                      batch_size=64, epochs=1, base="adam", lr=3e-3, run_name="adam",
+                      checkpoint_dir=str(tmp_path / "ck"))
+    result = train(cfg, store=Store(tmp_path / "s.h5"))
+    ck = result.final_checkpoint
+    out = CliRunner().invoke(app, ["spectrum", ck, "--samples", "64", "--top-k", "2",
+                                   "--dtype", "float64", "--preconditioner", "adam",
+                                   "--store", str(tmp_path / "s.h5"), "--json"])
+    assert out.exit_code == 0, out.output
+    printed = json.loads(out.output)
+    task = load_task(ck, data=DataSettings(samples=64))
+    model = task.model.double()
+    names = [n for n, p in model.named_parameters()]
+    D, info = adam_preconditioner(task.optimizer_state, list(model.named_parameters()), names)
+    H = dense_hessian(model, task.loss, list(task.batches(64)))
+    M = H / D.sqrt()[:, None] / D.sqrt()[None, :]
+    truth = torch.linalg.eigvalsh(M).flip(0)[:2].numpy()
+    np.testing.assert_allclose(printed["eigenvalues"], truth, rtol=1e-5)
+    pre = printed["preconditioner"]
+    assert pre["kind"] == "adam" and pre["threshold"] == pytest.approx(
+        adam_threshold(info["lr"], info["beta1"]))
+    # a checkpoint without optimizer state: one line, exit 2
+    bad = CliRunner().invoke(app, ["spectrum", "checkpoints/digits-mlp.pt", "--preconditioner",
+                                   "adam", "--store", str(tmp_path / "s.h5")])
+    assert bad.exit_code == 2 and "needs the optimizer state" in bad.output

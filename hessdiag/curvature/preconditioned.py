@@ -18,9 +18,11 @@ from torch import Tensor
 
 
 class PreconditionedOperator:
-    """``x -> D^-1/2 H D^-1/2 x`` for an operator ``H`` and a positive vector ``D``."""
+    """``x -> D^-1/2 H D^-1/2 x`` for an operator ``H`` and a positive vector ``D``;
+    ``details`` (what ``D`` is) are reported by :meth:`describe`."""
 
-    def __init__(self, op: Any, diagonal: Tensor) -> None:
+    def __init__(self, op: Any, diagonal: Tensor, details: dict[str, Any] | None = None
+                 ) -> None:
         d = diagonal.reshape(-1).to(device=op.device, dtype=op.dtype)
         if d.shape != (op.dim,):
             raise ValueError(f"the preconditioner has {d.numel()} entries; the operator "
@@ -28,6 +30,7 @@ class PreconditionedOperator:
         if not bool((d > 0).all()):
             raise ValueError("the preconditioner must be positive everywhere")
         self.op = op
+        self.details = dict(details or {})
         self.scale = d.rsqrt()
         self.dim, self.dtype, self.device = op.dim, op.dtype, op.device
         self.shape = (op.dim, op.dim)
@@ -43,7 +46,7 @@ class PreconditionedOperator:
         return getattr(self.op, name)
 
     def describe(self) -> dict[str, Any]:
-        return {**self.op.describe(), "preconditioner": "adam"}
+        return {**self.op.describe(), "preconditioner": self.details}
 
 
 def adam_preconditioner(optimizer_state: Mapping[str, Any] | None,
