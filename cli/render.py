@@ -179,7 +179,8 @@ def runs_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name, justify in [("run", "left"), ("status", "left"), ("model/data", "left"),
                           ("optimizer", "left"), ("steps", "right"), ("loss", "right"),
-                          ("test acc", "right"), ("λ_max", "right"), ("alignment", "right")]:
+                          ("test acc", "right"), ("λ_max", "right"),
+                          ("λ_max/threshold", "right"), ("alignment", "right")]:
         table.add_column(name, justify=justify)
     for r in rows:
         opt = r["optimizer"] or "-"
@@ -187,7 +188,8 @@ def runs_table(rows: list[dict[str, Any]], title: str) -> Table:
             opt += f" ρ={r['rho']}" + (f" α={r['alpha']}" if opt == "eigensam" else "")
         table.add_row(r["run_id"], str(r["status"]), f"{r['model']}/{r['data']}", opt,
                       f"{r['steps']}/{r['total_steps']}", fmt(r["loss"]), fmt(r["test_acc"]),
-                      fmt(r["lambda_max"]), fmt(r["alignment"], 3))
+                      fmt(r["lambda_max"]), fmt(r.get("stability"), 3),
+                      fmt(r["alignment"], 3))
     return table
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from hessdiag._errors import InputError
 from hessdiag.curvature import SLQResult
 from hessdiag.curvature.stats import mean_interval
+from hessdiag.stability import sgd_threshold
 
 WHAT = ("density", "eigenvalues", "training", "sharpness", "alignment", "layers", "landscape")
 FORMATS = (".png", ".svg", ".pdf")
@@ -286,7 +287,7 @@ def stability_threshold(run: Any) -> tuple[np.ndarray, np.ndarray] | None:
         step, lr = np.array([0.0]), np.array([float(lr0)])
     momentum = float(cfg.get("momentum") or 0.0)
     keep = np.isfinite(lr) & (lr > 0)
-    return step[keep], 2.0 * (1.0 + momentum) / lr[keep]
+    return step[keep], sgd_threshold(lr[keep], momentum)
 
 
 def sharpness_figure(runs: Sequence[Any], *, title: str | None = None) -> Any:

@@ -33,7 +33,7 @@ from hessdiag.store import Record, Store
 RUN_TABLES: dict[str, tuple[str, ...]] = {
     "metrics": ("step", "epoch", "loss", "acc", "lr", "test_loss", "test_acc"),
     "sharpness": ("step", "lambda_max", "lambda_max_residual", "lambda_max_converged", "hvps",
-                  "alignment", "alignment_signed"),
+                  "alignment", "alignment_signed", "lr", "threshold", "stability"),
     "checkpoints": ("step", "path", "sha256", "final"),
     "alignment": ("step", "alignment", "alignment_signed", "lambda_max",
                   "lambda_max_residual", "lambda_max_converged", "hvps"),
@@ -462,6 +462,7 @@ def run_row(record: Record) -> dict[str, Any]:
         "test_loss": _last(x, "metrics/test_loss"),
         "test_acc": _last(x, "metrics/test_acc"),
         "lambda_max": _last(x, "sharpness/lambda_max") or _last(x, "alignment/lambda_max"),
+        "stability": _last(x, "sharpness/stability"),
         "alignment": _last(x, "sharpness/alignment") or _last(x, "alignment/alignment"),
         "final_checkpoint": a.get("final_checkpoint"),
         "started": a.get("started"),

@@ -50,6 +50,7 @@ from hessdiag.optim.build import build_optimizer
 from hessdiag.optim.sam import disable_running_stats, enable_running_stats
 from hessdiag.runtime import resolve_device, versions
 from hessdiag.settings import TrainConfig
+from hessdiag.stability import stability_columns
 from hessdiag.store import Store, new_id, now
 from hessdiag.task import Task, call_model, load_task, new_task
 
@@ -287,6 +288,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     last_alignment: float | None = None
     final_path = None
     status, message = "finished", ""
+    momentum = cfg.momentum if cfg.base == "sgd" else 0.0
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         order = _epoch_order(n_train, cfg.seed, epoch)
@@ -326,7 +328,9 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             perturbation = _flat([p.grad for p in params]).detach() if measured else None
             optimizer.step()
         if measured is not None:
-            last_sharp = {**measured, **alignment_row(perturbation, sharpness.vector)}
+            last_sharp = {**measured, **alignment_row(perturbation, sharpness.vector),
+                          **stability_columns(measured["lambda_max"], cfg.lr * factor,
+                                              momentum, cfg.base)}
             log("sharpness", {"step": step, **last_sharp})
             if math.isfinite(last_sharp["alignment"]):
                 last_alignment = last_sharp["alignment"]
@@ -342,7 +346,10 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         log("metrics", row)
         if step == total_steps and measuring(step):
             # the final weights: no perturbation follows them
-            last_sharp = {**sharpness.measure(), **alignment_row(None, sharpness.vector)}
+            final = sharpness.measure()
+            last_sharp = {**final, **alignment_row(None, sharpness.vector),
+                          **stability_columns(final["lambda_max"], cfg.lr * factor,
+                                              momentum, cfg.base)}
             log("sharpness", {"step": step, **last_sharp})
         if progress is not None:
             progress({"step": step, "total": total_steps, "epoch": epoch, "loss": last_loss,

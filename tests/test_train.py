@@ -47,6 +47,15 @@ def test_a_run_writes_metrics_sharpness_and_checkpoints(tmp_path, optimizer):
     assert x["sharpness/step"].tolist() == [0, 4, 8]  # from step 0, and at the end
     assert (x["sharpness/lambda_max"] > 0).all()
     assert (x["sharpness/lambda_max_converged"] == 1).all()
+    # each lambda_max with the step's lr and its distance to 2 (1 + momentum) / lr
+    # (the lr of the update that follows the measurement: the metrics row of step s + 1;
+    # the final row, after the last update, repeats the last lr)
+    lr_of = dict(zip(x["metrics/step"].astype(int), x["metrics/lr"], strict=True))
+    np.testing.assert_allclose(x["sharpness/lr"], [lr_of[min(s + 1, 8)]
+                                                   for s in x["sharpness/step"]])
+    np.testing.assert_allclose(x["sharpness/threshold"], 2 * (1 + 0.9) / x["sharpness/lr"])
+    np.testing.assert_allclose(x["sharpness/stability"],
+                               x["sharpness/lambda_max"] / x["sharpness/threshold"])
     aligned = x["sharpness/alignment"][:2]
     assert ((aligned >= 0) & (aligned <= 1)).all() and np.isnan(x["sharpness/alignment"][2])
     assert x["checkpoints/step"].tolist() == [3, 6, 8]

@@ -16,6 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hessdiag.stability import adam_threshold
+
+__all__ = ["PreconditionedOperator", "adam_preconditioner", "adam_threshold"]
+
 
 class PreconditionedOperator:
     """``x -> D^-1/2 H D^-1/2 x`` for an operator ``H`` and a positive vector ``D``;
@@ -83,9 +87,3 @@ def adam_preconditioner(optimizer_state: Mapping[str, Any] | None,
         info = {"beta1": beta1, "beta2": beta2, "eps": eps, "lr": float(group.get("lr", 0)),
                 "step": step}
     return torch.cat(parts), info
-
-
-def adam_threshold(lr: float, beta1: float) -> float:
-    """The stability threshold of Adam's preconditioned sharpness, ``(2 + 2 beta1) /
-    ((1 - beta1) lr)`` (Cohen et al. 2022): 38 / lr for beta1 = 0.9."""
-    return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
