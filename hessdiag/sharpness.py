@@ -10,8 +10,9 @@ critical sharpness (Kalra et al. 2026)
     search on forward passes only (the gradient costs one backward pass). On a quadratic
     ``L(theta - eta g) - L(theta) = -eta g.g + eta^2 g.Hg / 2``, so ``2 / lr_c = g.Hg / g.g``:
     the curvature along the gradient, ``lambda_max`` when ``g`` lies in the top
-    eigenspace (which training near the edge of stability tends to produce) and a lower
-    bound on it otherwise.
+    eigenspace (which training near the edge of stability tends to produce) and below it
+    otherwise. Off a quadratic, third- and higher-order terms of the loss along ``g``
+    enter too, and can put it above ``lambda_max``.
 worst-case sharpness (SAM's objective, Foret et al. 2021)
     ``max_{||delta|| <= rho} L(theta + delta) - L(theta)``.
 adaptive sharpness (ASAM, Kwon et al. 2021; Andriushchenko et al. 2023)

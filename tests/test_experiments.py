@@ -20,3 +20,21 @@ def test_eigensam_digits_quick_regenerates_the_same_page(tmp_path):
     rows = [line for line in first.splitlines() if line.startswith("| 1 |")]
     assert len(rows) == 3 + 3  # three runs; sam, eigensam and eigensam-exact alignments
     assert "eigensam-exact" in first and "[" in rows[-1]
+
+
+def test_measures_quick_regenerates_the_same_page_from_its_store(tmp_path):
+    from hessdiag.experiments.measures import QUICK, render
+    from hessdiag.store import Store
+
+    module = EXPERIMENTS["measures"]
+    first = module.run(tmp_path / "a", quick=True).read_text()
+    second = module.run(tmp_path / "b", quick=True).read_text()
+    minutes = re.compile(r"\(\d+\.\d min")
+    assert minutes.sub("", first) == minutes.sub("", second)
+    rows = [line for line in first.splitlines() if line.startswith(("| digits |",
+                                                                    "| tabular |"))]
+    assert len(rows) == 6 and all("-" != cell.strip() for row in rows
+                                  for cell in row.split("|")[6:8])
+    # the page is a function of the store alone
+    again = render(Store(tmp_path / "a" / "measures.h5"), QUICK, 0.0)
+    assert minutes.sub("", again) == minutes.sub("", first)

@@ -4,8 +4,8 @@
 with ``run(out, quick=False, progress=None)`` returning the page it wrote.
 """
 
-from hessdiag.experiments import eigensam_digits
+from hessdiag.experiments import eigensam_digits, measures
 
-EXPERIMENTS = {eigensam_digits.NAME: eigensam_digits}
+EXPERIMENTS = {eigensam_digits.NAME: eigensam_digits, measures.NAME: measures}
 
 __all__ = ["EXPERIMENTS"]

@@ -1,0 +1,202 @@
+"""Sharpness measures side by side: SGD, SAM and Eigen-SAM on the bundled digits (an image
+classifier, cross-entropy) and on the generated tabular regression (an MLP, mse).
+
+For each final checkpoint: Lanczos ``lambda_max`` with its residual, ``lambda_min``,
+the stability ratio ``lambda_max / (2 (1 + momentum) / lr)`` at the peak learning rate,
+critical sharpness ``2 / lr_c`` with its bracket, and worst-case and adaptive
+sharpness at ``rho = 0.05`` (lower bounds by ascent). Mean ± standard deviation over the
+seeds; ``docs/measures.md`` (or ``out/measures.md``) is written from the store alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hessdiag.records import read_sharpness, read_spectrum
+from hessdiag.settings import DataSettings, SpectrumSettings, TrainConfig
+from hessdiag.sharpness import sharpness_of_checkpoint
+from hessdiag.spectrum import analyse_checkpoint
+from hessdiag.stability import sgd_threshold
+from hessdiag.store import Store
+from hessdiag.train import train
+
+NAME = "measures"
+OPTIMIZERS = ("sgd", "sam", "eigensam")
+MEASURES = ("critical", "worst-case", "adaptive")
+
+
+@dataclass(frozen=True)
+class Task:
+    data: str
+    model_kwargs: dict[str, Any]
+    lr: float
+    epochs: int
+    samples: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    seeds: tuple[int, ...] = (1, 2, 3)
+    tasks: tuple[Task, ...] = (Task("digits", {"hidden": 32}, 0.05, 10),
+                               Task("tabular", {"hidden": 64}, 0.05, 20))
+    rho: float = 0.05
+    momentum: float = 0.9
+    spectrum_samples: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = Plan()
+QUICK = Plan(seeds=(1,), tasks=(Task("digits", {"hidden": 8}, 0.05, 1, 128),
+                                Task("tabular", {"hidden": 8}, 0.05, 1, 128)),
+             spectrum_samples=64)
+
+
+DEFINITIONS = """\
+All of them are of the mean training loss `L` over the samples a command is given, in eval
+mode, for any task `spectrum` accepts.
+
+| measure | definition | command | error reported | use it when |
+|---|---|---|---|---|
+| `lambda_max` | top eigenvalue of the Hessian `H` | `spectrum` | residual `‖Hu − θu‖` | the reference: stability of gradient descent (`lambda_max < 2(1+β)/lr`), comparing checkpoints of one model |
+| `lambda_min` | most negative eigenvalue | `spectrum --lambda-min` | residual | saddle or not; `lambda_max/|lambda_min|` (Li et al. 2018) |
+| trace, density | `tr H`, the eigenvalue density | `spectrum --trace --density` | standard error, probes | the bulk rather than the top |
+| GGN / Fisher `lambda_max` | top eigenvalue of `JᵀH_out J` or the Fisher | `spectrum --curvature ggn` | residual | a positive semi-definite curvature; cheaper, and equal to `H` at a perfect fit |
+| preconditioned sharpness | `lambda_max(P⁻¹H)`, `P` = Adam's `sqrt(v̂)+ε` | `spectrum --preconditioner adam` | residual | Adam-trained models: its threshold is `(2+2β₁)/((1−β₁)lr)` (Cohen et al. 2022) |
+| stability ratio | `lambda_max / (2(1+β)/lr)` | logged by `train --sharpness-every` | that of `lambda_max` | 1 is the edge of stability (Cohen et al. 2021) |
+| critical sharpness | `2/lr_c`, `lr_c` the smallest step along `−∇L` that raises `L` | `sharpness --measure critical` | the bracket of `lr_c` | huge models: one backward and under 20 forward passes; on a quadratic it is the curvature along the gradient, `gᵀHg/gᵀg ≤ lambda_max`; on a network higher-order terms can move it either way (see the ratio below) |
+| worst-case sharpness | `max_{‖δ‖≤ρ} L(θ+δ) − L(θ)` | `sharpness --measure worst-case` | lower bound (ascent) | what SAM minimises |
+| adaptive sharpness | `max_{‖δ/|θ|‖≤ρ} L(θ+δ) − L(θ)` | `sharpness --measure adaptive` | lower bound (ascent) | comparing different models: invariant to rescalings that keep the function; magnitude-aware measures predicted generalisation best in Jiang et al. 2019 |
+
+Cross-entropy's curvature shrinks as the training loss goes to zero (the softmax saturates),
+so compare models at matched training loss, not only at the last step.
+"""
+
+
+def run(out: str | Path, *, quick: bool = False,
+        progress: Callable[[str], None] | None = None) -> Path:
+    """Train, measure, and write ``out/measures.md``; returns the page's path."""
+    plan = QUICK if quick else FULL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / "measures.h5")
+    if store.path.exists():
+        store.path.unlink()
+    say = progress or (lambda text: None)
+    start = time.perf_counter()
+    data = DataSettings(samples=plan.spectrum_samples)
+    for task in plan.tasks:
+        for seed in plan.seeds:
+            for opt in OPTIMIZERS:
+                run_id = f"{task.data}-{opt}-s{seed}"
+                say(f"train {run_id}")
+                result = train(TrainConfig(
+                    model="mlp", data=task.data, model_kwargs=task.model_kwargs,
+                    samples=task.samples, epochs=task.epochs, lr=task.lr,
+                    momentum=plan.momentum, seed=seed, optimizer=opt, rho=plan.rho,
+                    eig_every=10, run_name=run_id, checkpoint_dir=str(out / "checkpoints"),
+                    device="cpu"), store=store)
+                say(f"measure {run_id}")
+                analyse_checkpoint(result.final_checkpoint, settings=SpectrumSettings(
+                    top_k=1, lambda_min=True, device="cpu"), data=data, store=store)
+                for measure in MEASURES:
+                    sharpness_of_checkpoint(result.final_checkpoint, measure, rho=plan.rho,
+                                            data=data, device="cpu", store=store)
+    minutes = (time.perf_counter() - start) / 60
+    page = out / f"{NAME}.md"
+    page.write_text(render(store, plan, minutes))
+    return page
+
+
+def _ms(values: list[float], digits: int = 4) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}g}"
+    return f"{np.mean(values):.{digits}g} ± {np.std(values, ddof=1):.2g}"
+
+
+def collect(store: Store) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """``(data, optimizer) -> column -> values over seeds``, from the store alone."""
+    runs = {r.id: r for r in store.runs()}
+    table: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for record in store.analyses():
+        run = runs.get(record.attrs.get("run_id"))
+        if run is None:
+            continue
+        cfg = run.attrs["config"]
+        cell = table.setdefault((cfg["data"], cfg["optimizer"]), {})
+        if record.kind == "spectrum":
+            result = read_spectrum(record)
+            threshold = sgd_threshold(cfg["lr"], cfg["momentum"])
+            x = run.arrays
+            for key, value in (
+                    ("lambda_max", result.lambda_max),
+                    ("residual", float(result.top.residuals[0])),
+                    ("lambda_min", result.lambda_min),
+                    ("stability", result.lambda_max / threshold),
+                    ("train_loss", float(x["metrics/loss"][-1])),
+                    ("test_loss", float(x["metrics/test_loss"][-1])),
+                    ("test_acc", float(x["metrics/test_acc"][-1]))):
+                cell.setdefault(key, []).append(value)
+        elif record.kind == "sharpness":
+            result = read_sharpness(record)
+            cell.setdefault(result.measure, []).append(result.value)
+            if result.measure == "critical":
+                low, high = result.interval
+                cell.setdefault("critical_halfwidth", []).append(0.5 * (high - low))
+                cell.setdefault("critical_ratio", []).append(
+                    result.value / cell["lambda_max"][-1] if cell.get("lambda_max") else None)
+    return table
+
+
+def render(store: Store, plan: Plan, minutes: float) -> str:
+    table = collect(store)
+    rows = []
+    for task in plan.tasks:
+        for opt in OPTIMIZERS:
+            c = table.get((task.data, opt), {})
+            acc = _ms(c.get("test_acc", []), 3) if task.data != "tabular" else "-"
+            rows.append(
+                f"| {task.data} | {opt} | {_ms(c.get('train_loss', []))} | "
+                f"{_ms(c.get('test_loss', []))} | {acc} | {_ms(c.get('lambda_max', []))} | "
+                f"{max(c.get('residual', [math.nan])):.1e} | {_ms(c.get('lambda_min', []))} | "
+                f"{_ms(c.get('stability', []), 3)} | {_ms(c.get('critical', []))} | "
+                f"{_ms(c.get('critical_ratio', []), 3)} | {_ms(c.get('worst-case', []))} | "
+                f"{_ms(c.get('adaptive', []))} |")
+    seeds = ", ".join(map(str, plan.seeds))
+    return "\n".join([
+        "# Sharpness measures: what each one is, when to use it, side by side",
+        "",
+        DEFINITIONS,
+        "",
+        "## Side by side",
+        "",
+        "Regenerate with `python -m hessdiag.experiments measures --out DIR` "
+        f"({minutes:.1f} min on 2 CPU cores); every number below is read from the store "
+        "that run writes.",
+        "",
+        f"SGD, SAM and Eigen-SAM (rho {plan.rho}, momentum {plan.momentum}, cosine "
+        "schedule, batch 128) train an MLP on the bundled digits (cross-entropy) and on "
+        "the generated tabular regression (mse); seeds "
+        f"{seeds}, mean ± standard deviation over seeds. At each final checkpoint, on the "
+        "training samples: Lanczos `lambda_max` (worst residual over seeds shown), "
+        "`lambda_min`, the stability ratio `lambda_max / (2(1+momentum)/lr)` at the peak "
+        "learning rate, critical sharpness `2/lr_c` (its bracket is narrower than the "
+        "digits shown) and its ratio to `lambda_max`, worst-case and adaptive sharpness at "
+        f"rho {plan.rho} (lower bounds from 5 ascent steps).",
+        "",
+        "| data | optimizer | train loss (last batch) | test loss | test acc | lambda_max | residual | "
+        "lambda_min | lambda_max/threshold | critical | critical/lambda_max | worst-case | "
+        "adaptive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
