@@ -1,16 +1,34 @@
-"""The diagnostics store: one HDF5 file of runs and analyses (schema in docs/store.md).
+"""The diagnostics store: one HDF5 file of runs and analyses (schema in docs/store.md),
+and beside it a journal of the records not yet merged into that file.
 
-Writes are atomic by replacement. Each record is written into a copy of the store, the
-copy is flushed and fsynced, then renamed over the store (``os.replace``). A process
-killed at any moment therefore leaves either the old file or the new one: the store
-always opens and holds every earlier record, and a record is there whole or not at all.
-Readers need no lock: they open whatever complete file the path names. Writers take an
-exclusive ``fcntl`` lock on a sidecar ``<store>.lock`` so that concurrent writers (a
-training run and an analysis) wait for each other instead of losing records.
+A write costs in proportion to its record, not to the store. Each record is laid out as
+a small HDF5 image and appended as one checksummed frame to ``<store>.journal``, which is
+fsynced before the write returns (:mod:`hessdiag.store.journal`). When the journal has
+grown to a fraction of the main file (``compact_ratio``, each frame counting its bytes
+plus :data:`~hessdiag.store.journal.FRAME_OVERHEAD`), the writer *compacts*: it copies the
+main file, applies the journal's frames, fsyncs the copy, renames it over the main file
+(``os.replace``) and deletes the journal. A compaction copies the store, but it comes
+after records worth half the store were appended, so its cost per record is a constant
+(the geometric-growth argument). The journal is also compacted once it holds
+:data:`MAX_FRAMES` records, because readers merge every frame: that bounds a read, and adds
+a thousandth of a store copy to each write. Small stores (up to a few hundred kB) are simply
+rewritten on every write, as before.
 
-The cost of a write grows with the store's size (a copy); records are small (no
-eigenvectors, no weights) and writers batch what they append, so stores stay in the
-megabytes.
+Crash safety: the main file only ever changes by rename, and a journal frame only counts
+when it is whole (its tail written last, its checksum right); a writer killed while
+appending leaves a torn tail that readers ignore and the next writer cuts off. The main
+file names the journal that extends it (``journal_generation``): a journal left behind by a
+compaction killed between the rename and the deletion names an older generation and is
+ignored. Readers need no lock: they open the main file, then the journal, and check that
+the main file was not replaced in between (else they retry); what they read is the main
+file plus the whole frames of its journal. Writers take an exclusive ``fcntl`` lock on a
+sidecar ``<store>.lock`` so that concurrent writers (a training run and an analysis) wait
+for each other instead of losing records.
+
+The main file alone holds every record when there is no ``<store>.journal``; call
+:meth:`Store.compact` (or ``python -m hessdiag.store compact <store>``) before reading it
+with h5py directly. ``Store(path, compact_ratio=0)`` rewrites the file on every write (the
+previous design: the main file is always complete, a write costs a copy of the store).
 """
 
 from __future__ import annotations
@@ -23,19 +41,30 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
 
 from hessdiag._errors import InputError, first_line
-from hessdiag._files import replacing
+from hessdiag._files import _fsync_dir, replacing
+from hessdiag.store import journal as _journal
+from hessdiag.store.journal import FRAME_OVERHEAD, Frame, Index
 
 SCHEMA_VERSION = 1
 FORMAT = "hessdiag-store"
+COMPACT_RATIO = 0.5
+"""Compact when the journal (bytes plus :data:`FRAME_OVERHEAD` per frame) reaches this
+fraction of the main file."""
+MAX_FRAMES = 1000
+"""Compact, whatever the sizes, when the journal holds this many records: a reader merges
+every frame (about a millisecond each), so this bounds a read of a huge store to about a
+second; a compaction then comes at most every 1000 writes, which adds a thousandth of a
+copy of the store to a write (measured in docs/store.md)."""
 
 
 class StoreError(InputError):
@@ -87,11 +116,186 @@ def _from_attr(value: Any) -> Any:
     return value
 
 
-class Store:
-    """A hessdiag store at ``path`` (created on the first write)."""
+def _init_store(f: h5py.File) -> None:
+    f.attrs["format"] = FORMAT
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["created"] = now()
+    f.create_group("runs")
+    f.create_group("analyses")
 
-    def __init__(self, path: str | os.PathLike) -> None:
+
+class _State:
+    """What a writer checks a record against: the main file (or the copy being rewritten)
+    plus the journal's index."""
+
+    def __init__(self, main: h5py.File, index: Index | None = None,
+                 journal: BinaryIO | None = None) -> None:
+        self.main, self.index, self.journal = main, index, journal
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self.main["runs"] or (self.index is not None
+                                               and run_id in self.index.runs)
+
+    def has_analysis(self, analysis_id: str) -> bool:
+        return analysis_id in self.main["analyses"] or (self.index is not None and
+                                                        analysis_id in self.index.analyses)
+
+    def n_analyses(self) -> int:
+        return len(self.main["analyses"]) + (0 if self.index is None
+                                             else len(self.index.analyses))
+
+    def has_table(self, run_id: str, table: str) -> bool:
+        runs = self.main["runs"]
+        if run_id in runs and table in runs[run_id]:
+            return True
+        return self.index is not None and any(
+            key[0] == run_id and key[1] == table for key in self.index.columns)
+
+    def column_dtype(self, run_id: str, table: str, name: str) -> np.dtype | None:
+        runs = self.main["runs"]
+        if run_id in runs and table in runs[run_id] and name in runs[run_id][table]:
+            return runs[run_id][table][name].dtype
+        if self.index is None or self.journal is None:
+            return None
+        key = (run_id, table, name)
+        if key in self.index.dtypes:
+            return self.index.dtypes[key]
+        if key not in self.index.columns:
+            return None
+        frame = next(_journal.scan(self.journal, self.index.columns[key]), None)
+        payload = None if frame is None else _journal.read_payload(self.journal, frame)
+        if payload is None:  # a damaged frame: its column is not there
+            return None
+        with _journal.open_image(payload) as image:
+            dtype = image["runs"][run_id][table][name].dtype
+        self.index.dtypes[key] = dtype
+        return dtype
+
+
+_Built = tuple[dict[str, Any], bytes] | None
+"""A record ready to commit: the frame's meta and its HDF5 image (``None``: nothing to
+write)."""
+
+
+def _apply(f: h5py.File, items: list[tuple[dict[str, Any], bytes]]) -> None:
+    """Apply journal records (meta, payload) in order to a store-shaped file: analyses are
+    copied in; each run's changes are gathered and written once per column. Records that
+    no longer apply (their run gone, their id already there) change nothing."""
+    deltas: dict[str, _journal.RunDelta] = {}
+    for meta, payload in items:
+        hit = _journal.touches(meta)
+        if hit is None:
+            continue
+        image = _journal.open_image(payload) if payload else None
+        try:
+            group, key = hit
+            if group == "analyses":
+                if image is not None and key not in f["analyses"]:
+                    _journal.copy_group(image["analyses"][key], f["analyses"], key)
+            else:
+                if key not in deltas:
+                    deltas[key] = _journal.RunDelta(key, f["runs"].get(key))
+                deltas[key].feed(meta, image)
+        finally:
+            if image is not None:
+                image.close()
+    for delta in deltas.values():
+        delta.write(f["runs"])
+
+
+class _View:
+    """A reader's consistent snapshot: the main file and the whole frames of its journal."""
+
+    def __init__(self, main: h5py.File, journal: BinaryIO | None) -> None:
+        self.main, self.journal = main, journal
+        self.frames: list[Frame] = [] if journal is None else list(_journal.scan(journal))
+
+    def image(self, frame: Frame) -> h5py.File | None:
+        if self.journal is None or frame.payload_len == 0:
+            return None
+        payload = _journal.read_payload(self.journal, frame)
+        return None if payload is None else _journal.open_image(payload)
+
+    def touching(self, group: str, key: str | None = None) -> list[Frame]:
+        out = []
+        for frame in self.frames:
+            hit = _journal.touches(frame.meta)
+            if hit is not None and hit[0] == group and (key is None or hit[1] == key):
+                out.append(frame)
+        return out
+
+    def run_ids(self) -> list[str]:
+        ids = set(self.main["runs"].keys())
+        ids.update(str(fr.meta.get("id")) for fr in self.frames
+                   if fr.meta.get("op") == "create_run")
+        return sorted(ids)
+
+    def analysis_frames(self) -> dict[str, Frame]:
+        """The journal's analyses that are not in the main file (first frame of each id)."""
+        out: dict[str, Frame] = {}
+        for frame in self.touching("analyses"):
+            key = str(frame.meta.get("id"))
+            if key not in self.main["analyses"] and key not in out:
+                out[key] = frame
+        return out
+
+    def run(self, run_id: str) -> Record | None:
+        frames = self.touching("runs", run_id)
+        main = self.main["runs"].get(run_id)
+        if not frames:
+            return None if main is None else _record(main, "runs")
+        delta = _journal.RunDelta(run_id, main)
+        for frame in frames:
+            image = self.image(frame)
+            if frame.payload_len and image is None:
+                continue  # damaged frame: skipped, as compaction skips it
+            try:
+                delta.feed(frame.meta, image)
+            finally:
+                if image is not None:
+                    image.close()
+        if not delta.exists:
+            return None
+        if main is not None:
+            base = _record(main, "runs")
+            attrs, arrays = base.attrs, base.arrays
+        else:
+            attrs = {k: _from_attr(v) for k, v in (delta.created or {}).items()}
+            arrays = {}
+        attrs.update({k: _from_attr(v) for k, v in delta.attrs.items()})
+        return Record(id=run_id, group="runs", attrs=attrs, arrays=delta.arrays(arrays))
+
+    def analysis(self, analysis_id: str, frame: Frame | None = None) -> Record | None:
+        if analysis_id in self.main["analyses"]:
+            return _record(self.main["analyses"][analysis_id], "analyses")
+        if frame is None:
+            frame = self.analysis_frames().get(analysis_id)
+        image = None if frame is None else self.image(frame)
+        if image is None:
+            return None
+        with image:
+            return _record(image["analyses"][analysis_id], "analyses")
+
+
+class Store:
+    """A hessdiag store at ``path`` (created on the first write).
+
+    ``compact_ratio``: compact the journal into the main file when it reaches this
+    fraction of the main file's size; ``0`` rewrites the main file on every write (no
+    journal)."""
+
+    def __init__(self, path: str | os.PathLike, *, compact_ratio: float = COMPACT_RATIO,
+                 max_frames: int = MAX_FRAMES) -> None:
         self.path = Path(path)
+        self.compact_ratio = float(compact_ratio)
+        self.max_frames = int(max_frames)
+        self._index: Index | None = None  # the journal as this object last saw it
+        self._writable = False  # check_writable passed once
+
+    @property
+    def journal_path(self) -> Path:
+        """The journal beside the store (absent when the main file holds everything)."""
+        return _journal.journal_path(self.path)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -150,26 +354,157 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[h5py.File]:
-        """An open copy of the store to add to; it replaces the store when the block ends
-        without an exception, and is discarded otherwise."""
+        """An open copy of the store (the journal merged in) to add to; it replaces the
+        store when the block ends without an exception, and is discarded otherwise. Costs
+        a copy of the store: the record writers below append to the journal instead."""
         self.check_writable()
         with self._locked():
             self.validate()  # another writer may have replaced it meanwhile
-            with replacing(self.path) as tmp_path:
-                if self.path.exists():
-                    shutil.copyfile(self.path, tmp_path)
-                    mode = "r+"
+            with self._rewrite() as f:
+                yield f
+
+    @contextlib.contextmanager
+    def _rewrite(self) -> Iterator[h5py.File]:
+        """(Under the lock.) A copy of the main file with the journal applied, renamed over
+        the main file when the block ends; then the journal is deleted."""
+        self._remove_orphans()
+        exists = self.path.exists()
+        with replacing(self.path) as tmp_path:
+            if exists:
+                shutil.copyfile(self.path, tmp_path)
+            with h5py.File(tmp_path, "r+" if exists else "w") as f:
+                if exists:
+                    self._replay_journal(f)
                 else:
-                    mode = "w"
-                with h5py.File(tmp_path, mode) as f:
-                    if mode == "w":
-                        f.attrs["format"] = FORMAT
-                        f.attrs["schema_version"] = SCHEMA_VERSION
-                        f.attrs["created"] = now()
-                        f.create_group("runs")
-                        f.create_group("analyses")
-                    yield f
-                    f.flush()
+                    _init_store(f)
+                f.attrs["journal_generation"] = _journal.new_generation()
+                yield f
+                f.flush()
+        # the journal now extends an older generation: readers ignore it from here on
+        self._index = None
+        with contextlib.suppress(FileNotFoundError):
+            self.journal_path.unlink()
+            _fsync_dir(self.path.parent)
+
+    def _replay_journal(self, f: h5py.File) -> None:
+        generation = _journal.main_generation(f)
+        try:
+            fh = open(self.journal_path, "rb")
+        except FileNotFoundError:
+            return
+        with fh:
+            if _journal.read_generation(fh) != generation:
+                return  # left by a compaction killed after its rename: already applied
+            items = []
+            for frame in list(_journal.scan(fh)):
+                payload = _journal.read_payload(fh, frame) if frame.payload_len else b""
+                if payload is None:
+                    continue  # damaged (torn by a crash of the machine): skipped
+                items.append((frame.meta, payload))
+            _apply(f, items)
+
+    def _remove_orphans(self) -> None:
+        """(Under the lock.) Temporary copies left by writers killed mid-rewrite."""
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        for orphan in directory.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                orphan.unlink()
+
+    def _open_journal(self, generation: str) -> tuple[int, BinaryIO, Index]:
+        """(Under the lock.) The journal extending ``generation`` (created if absent or
+        stale), its torn tail cut off, and its index brought up to date."""
+        path = self.journal_path
+        fd: int | None
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                if _journal.read_generation(fh) != generation:
+                    os.close(fd)
+                    fd = None
+        if fd is None:
+            _journal.create(path, generation)
+            fd = os.open(path, os.O_RDWR)
+        size = os.fstat(fd).st_size
+        ino = os.fstat(fd).st_ino
+        index = self._index
+        if (index is None or index.ino != ino or index.generation != generation
+                or index.end > size):
+            index = Index(ino=ino, generation=generation)
+        fh = os.fdopen(os.dup(fd), "rb")
+        for frame in _journal.scan(fh, index.end, size):
+            index.add(frame)
+        if index.end < size:  # a writer was killed while appending: cut its torn frame off
+            os.ftruncate(fd, index.end)
+            os.fsync(fd)
+        self._index = index
+        return fd, fh, index
+
+    def _write(self, build: Callable[[_State], _Built]) -> None:
+        """Check and lay out one record against the current store (``build``), then append
+        it to the journal, or rewrite the main file when the journal is due for
+        compaction (or there is no main file yet)."""
+        if not self._writable:
+            self.check_writable()  # the probe file: once per Store, the lock checks the rest
+            self._writable = True
+        with self._locked():
+            self.validate()
+            built: _Built = None
+            if self.path.exists() and self.compact_ratio > 0:
+                with h5py.File(self.path, "r") as main:
+                    fd, fh, index = self._open_journal(_journal.main_generation(main))
+                    try:
+                        built = build(_State(main, index, fh))
+                        if built is None:
+                            return
+                        meta, payload = built
+                        cost = index.cost() + len(payload) + FRAME_OVERHEAD
+                        if (cost < self.compact_ratio * os.path.getsize(self.path)
+                                and index.frames < self.max_frames):
+                            frame = _journal.append(fd, index.end, meta, payload)
+                            index.add(frame)
+                            return
+                    finally:
+                        fh.close()
+                        os.close(fd)
+            with self._rewrite() as f:
+                if built is None:
+                    built = build(_State(f))
+                    if built is None:
+                        return
+                _apply(f, [built])
+
+    def compact(self) -> bool:
+        """Merge the journal into the main file (which then holds every record, for h5py
+        and other readers that know nothing of the journal). Returns whether there was
+        anything to merge."""
+        if not self.path.exists() or not self.journal_path.exists():
+            return False
+        self.check_writable()
+        with self._locked():
+            self.validate()
+            with h5py.File(self.path, "r") as main:
+                generation = _journal.main_generation(main)
+            try:
+                with open(self.journal_path, "rb") as fh:
+                    pending = (_journal.read_generation(fh) == generation
+                               and next(_journal.scan(fh), None) is not None)
+            except FileNotFoundError:
+                return False
+            if not pending:  # empty, or left over from an interrupted compaction
+                self.journal_path.unlink()
+                self._index = None
+                return False
+            with self._rewrite():
+                pass
+            return True
+
+    def pending(self) -> int:
+        """Records in the journal, not yet in the main file."""
+        with self._view() as view:
+            return 0 if view is None else len(view.frames)
 
     def write_analysis(self, kind: str, attrs: Mapping[str, Any],
                        arrays: Mapping[str, Any], analysis_id: str | None = None) -> str:
@@ -179,32 +514,53 @@ class Store:
         scalars; ``attrs`` become the group's attributes (non-scalars as JSON text).
         """
         analysis_id = analysis_id or new_id(kind)
-        with self.transaction() as f:
-            group = f["analyses"].create_group(analysis_id)
-            group.attrs["kind"] = kind
-            group.attrs["created"] = now()
-            group.attrs["sequence"] = len(f["analyses"]) - 1  # write order
-            for key, value in attrs.items():
-                group.attrs[key] = _to_attr(value)
-            for key, value in arrays.items():
-                if value is None:
-                    continue
-                value = np.asarray(value)
-                if value.dtype.kind in "UO":
-                    value = value.astype(h5py.string_dtype())
-                group.create_dataset(key, data=value)
+
+        def build(state: _State) -> _Built:
+            if state.has_analysis(analysis_id):
+                raise StoreError(f"store {self.path} already has an analysis "
+                                 f"{analysis_id!r}", param="analysis_id")
+            image = _journal.new_image()
+            try:
+                group = image["analyses"].create_group(analysis_id)
+                group.attrs["kind"] = kind
+                group.attrs["created"] = now()
+                group.attrs["sequence"] = state.n_analyses()  # write order
+                for key, value in attrs.items():
+                    group.attrs[key] = _to_attr(value)
+                for key, value in arrays.items():
+                    if value is None:
+                        continue
+                    value = np.asarray(value)
+                    if value.dtype.kind in "UO":
+                        value = value.astype(h5py.string_dtype())
+                    group.create_dataset(key, data=value)
+            except BaseException:
+                image.close()
+                raise
+            return {"op": "analysis", "id": analysis_id}, _journal.image_bytes(image)
+
+        self._write(build)
         return analysis_id
 
     def create_run(self, run_id: str, attrs: Mapping[str, Any]) -> None:
         """Start a run's group (its config and provenance as attributes)."""
-        with self.transaction() as f:
-            if run_id in f["runs"]:
+
+        def build(state: _State) -> _Built:
+            if state.has_run(run_id):
                 raise StoreError(f"store {self.path} already has a run {run_id!r}: choose "
                                  "another run_name, or resume it", param="run_name")
-            group = f["runs"].create_group(run_id)
-            group.attrs["created"] = now()
-            for key, value in attrs.items():
-                group.attrs[key] = _to_attr(value)
+            image = _journal.new_image()
+            try:
+                group = image["runs"].create_group(run_id)
+                group.attrs["created"] = now()
+                for key, value in attrs.items():
+                    group.attrs[key] = _to_attr(value)
+            except BaseException:
+                image.close()
+                raise
+            return {"op": "create_run", "id": run_id}, _journal.image_bytes(image)
+
+        self._write(build)
 
     def append_run(self, run_id: str, tables: Mapping[str, Mapping[str, Any]],
                    attrs: Mapping[str, Any] | None = None) -> None:
@@ -212,91 +568,161 @@ class Store:
         ``{"metrics": {"step": [...], "loss": [...]}}``; columns are extendable 1-D
         datasets (created on first use; every column of a table gets the same number of
         rows). ``attrs`` update the run's attributes in the same record."""
-        with self.transaction() as f:
-            if run_id not in f["runs"]:
+
+        def build(state: _State) -> _Built:
+            if not state.has_run(run_id):
                 raise StoreError(f"store {self.path} has no run {run_id!r}", param="store")
-            group = f["runs"][run_id]
-            for table, columns in tables.items():
-                lengths = {len(np.atleast_1d(v)) for v in columns.values()}
-                if len(lengths) != 1:
-                    raise ValueError(f"columns of {table!r} have different lengths {lengths}")
-                sub = group.require_group(table)
-                for name, values in columns.items():
-                    values = np.atleast_1d(np.asarray(values))
-                    if values.dtype.kind == "U":
-                        values = values.astype(h5py.string_dtype())
-                    if name not in sub:
-                        sub.create_dataset(name, data=values, maxshape=(None,),
-                                           chunks=True)
-                        continue
-                    column = sub[name]
-                    start = column.shape[0]
-                    column.resize((start + len(values),))
-                    column[start:] = values
-            for key, value in (attrs or {}).items():
-                group.attrs[key] = _to_attr(value)
+            image = _journal.new_image()
+            new_columns = []
+            try:
+                group = image["runs"].create_group(run_id)
+                for table, columns in tables.items():
+                    lengths = {len(np.atleast_1d(v)) for v in columns.values()}
+                    if len(lengths) != 1:
+                        raise ValueError(f"columns of {table!r} have different lengths "
+                                         f"{lengths}")
+                    sub = group.require_group(table)
+                    for name, values in columns.items():
+                        values = np.atleast_1d(np.asarray(values))
+                        if values.ndim != 1:
+                            raise ValueError(f"column {table}/{name} must be 1-D; got shape "
+                                             f"{values.shape}")
+                        if values.dtype.kind == "U":
+                            values = values.astype(h5py.string_dtype())
+                        dtype = state.column_dtype(run_id, table, name)
+                        if dtype is None:
+                            sub.create_dataset(name, data=values)
+                            new_columns.append(f"{table}/{name}")
+                        else:  # converted to the column's type now, as an append would
+                            sub.create_dataset(name, shape=values.shape, dtype=dtype)
+                            if len(values):
+                                sub[name][...] = values
+                for key, value in (attrs or {}).items():
+                    group.attrs[key] = _to_attr(value)
+            except BaseException:
+                image.close()
+                raise
+            meta = {"op": "append_run", "id": run_id, "new_columns": new_columns}
+            return meta, _journal.image_bytes(image)
+
+        self._write(build)
 
     def truncate_run(self, run_id: str, table: str, keep: int) -> None:
         """Keep the first ``keep`` rows of a run's table (a resumed run drops the rows
         logged after the checkpoint it resumes from)."""
-        with self.transaction() as f:
-            if run_id not in f["runs"] or table not in f["runs"][run_id]:
-                return
-            for column in f["runs"][run_id][table].values():
-                if column.shape[0] > keep:
-                    column.resize((keep,))
+
+        def build(state: _State) -> _Built:
+            if not state.has_run(run_id) or not state.has_table(run_id, table):
+                return None
+            return {"op": "truncate_run", "id": run_id, "table": table,
+                    "keep": int(keep)}, b""
+
+        self._write(build)
 
     # ------------------------------------------------------------------ reading
     @contextlib.contextmanager
-    def _reader(self) -> Iterator[h5py.File | None]:
+    def _view(self) -> Iterator[_View | None]:
+        """The main file and its journal as of one moment (no lock: if a compaction
+        replaces the main file between opening it and opening the journal, try again)."""
         self.validate()
-        if not self.path.exists():
-            yield None
-            return
-        with h5py.File(self.path, "r") as f:
-            yield f
+        for attempt in range(200):
+            try:
+                main = h5py.File(self.path, "r")
+            except FileNotFoundError:
+                yield None
+                return
+            except OSError as exc:
+                if not self.path.exists():
+                    yield None
+                    return
+                raise StoreError(f"store {self.path} is corrupted or truncated "
+                                 f"({first_line(exc, 160)}); move it aside and use a new "
+                                 "store path", param="store") from exc
+            journal: BinaryIO | None = None
+            try:
+                ino = os.fstat(main.id.get_vfd_handle()).st_ino
+                try:
+                    journal = open(self.journal_path, "rb")
+                except FileNotFoundError:
+                    journal = None
+                try:
+                    current = os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    current = -1
+                if current != ino:  # replaced meanwhile: this journal may not extend it
+                    continue
+                if journal is not None and (_journal.read_generation(journal)
+                                            != _journal.main_generation(main)):
+                    journal.close()  # left behind by an interrupted compaction
+                    journal = None
+                yield _View(main, journal)
+                return
+            finally:
+                if journal is not None:
+                    journal.close()
+                main.close()
+                if attempt:
+                    time.sleep(0.001)
+        raise StoreError(f"store {self.path} keeps being replaced while it is read; try "
+                         "again", param="store")
 
     def analysis_ids(self) -> list[str]:
         return [r.id for r in self.analyses()]
 
     def analyses(self) -> list[Record]:
         """Every analysis, in the order they were written."""
-        with self._reader() as f:
-            if f is None:
+        with self._view() as view:
+            if view is None:
                 return []
-            groups = sorted(f["analyses"].values(),
-                            key=lambda g: (int(g.attrs.get("sequence", -1)),
-                                           str(g.attrs["created"])))
-            return [_record(g, "analyses") for g in groups]
+            records = [_record(g, "analyses") for g in view.main["analyses"].values()]
+            for key, frame in view.analysis_frames().items():
+                record = view.analysis(key, frame)
+                if record is not None:
+                    records.append(record)
+            return sorted(records, key=lambda r: (int(r.attrs.get("sequence", -1)),
+                                                  str(r.attrs["created"])))
 
     def analysis(self, analysis_id: str) -> Record:
-        return self._one("analyses", analysis_id, "analysis")
+        with self._view() as view:
+            record = None if view is None else view.analysis(analysis_id)
+            if record is None:
+                self._missing(view, "analyses", analysis_id, "analysis")
+            return record
 
     def run(self, run_id: str) -> Record:
-        return self._one("runs", run_id, "run")
+        with self._view() as view:
+            record = None if view is None else view.run(run_id)
+            if record is None:
+                self._missing(view, "runs", run_id, "run")
+            return record
 
-    def _one(self, group: str, key: str, what: str) -> Record:
-        with self._reader() as f:
-            if f is None or key not in f[group]:
-                known = [] if f is None else list(f[group].keys())
-                hint = f"; known: {', '.join(known[:5])}" if known else f" (no {group})"
-                raise StoreError(f"no {what} {key!r} in store {self.path}{hint}", param="store")
-            return _record(f[group][key], group)
+    def _missing(self, view: _View | None, group: str, key: str, what: str) -> None:
+        if view is None:
+            known: list[str] = []
+        elif group == "runs":
+            known = view.run_ids()
+        else:
+            known = list(view.main["analyses"].keys()) + list(view.analysis_frames())
+        hint = f"; known: {', '.join(known[:5])}" if known else f" (no {group})"
+        raise StoreError(f"no {what} {key!r} in store {self.path}{hint}", param="store")
 
     def runs(self) -> list[Record]:
-        with self._reader() as f:
-            if f is None:
+        with self._view() as view:
+            if view is None:
                 return []
-            return [_record(g, "runs") for g in f["runs"].values()]
+            records = [view.run(run_id) for run_id in view.run_ids()]
+            return [r for r in records if r is not None]
 
     def info(self) -> dict[str, Any]:
-        with self._reader() as f:
-            if f is None:
+        with self._view() as view:
+            if view is None:
                 return {"path": str(self.path), "exists": False}
+            f = view.main
             return {"path": str(self.path), "exists": True,
                     "schema_version": _from_attr(f.attrs["schema_version"]),
                     "created": _from_attr(f.attrs.get("created", "")),
-                    "runs": len(f["runs"]), "analyses": len(f["analyses"])}
+                    "runs": len(view.run_ids()),
+                    "analyses": len(f["analyses"]) + len(view.analysis_frames())}
 
 
 def _record(group: h5py.Group, kind: str) -> Record:
