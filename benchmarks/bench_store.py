@@ -100,8 +100,8 @@ def bench(directory: Path, megabytes: float, new_writes: int, old_writes: int) -
         store = Store(path, compact_ratio=ratio)
         n = old_writes if design == "old" else new_writes
         store.append_run("train", metrics_row(0))  # columns created
-        rows = timed(lambda i: store.append_run("train", metrics_row(i + 1)), n)
-        analyses = timed(lambda i: store.write_analysis(
+        rows = timed(lambda i, store=store: store.append_run("train", metrics_row(i + 1)), n)
+        analyses = timed(lambda i, store=store: store.write_analysis(
             "spectrum", {"seed": i, "settings": {"top_k": 10}}, analysis_arrays(i)), n)
         result[design] = {"row": statistics.median(rows), "row_mean": statistics.mean(rows),
                           "analysis": statistics.median(analyses),
@@ -109,11 +109,11 @@ def bench(directory: Path, megabytes: float, new_writes: int, old_writes: int) -
         if design == "new":
             frame_row = Store(path).journal_path.stat().st_size
             pending = store.pending()
-            read = timed(lambda i: store.run("train"), 3)
+            read = timed(lambda i, store=store: store.run("train"), 3)
             start = time.perf_counter()
             store.compact()
             compaction = time.perf_counter() - start
-            read_after = timed(lambda i: store.run("train"), 3)
+            read_after = timed(lambda i, store=store: store.run("train"), 3)
             # bytes of a row frame / an analysis frame: from two fresh appends
             before = store.journal_path.stat().st_size if store.journal_path.exists() else 0
             store.append_run("train", metrics_row(10**6))
@@ -169,7 +169,7 @@ def main() -> None:
         print("\nsummary (median per write; new amortised includes compactions)")
         print(f"{'size':>10} {'row old':>12} {'row new':>12} {'ratio':>8} "
               f"{'analysis old':>13} {'analysis new':>13} {'ratio':>8}")
-        for mb, r in rows:
+        for _, r in rows:
             old, new = r["old"], r["new"]
             print(f"{r['size'] / 1e6:8.1f}MB {old['row'] * 1e3:10.2f}ms "
                   f"{new['row_amortised'] * 1e3:10.2f}ms "

@@ -357,21 +357,21 @@ def test_the_journal_reads_as_rewriting_the_file_would(tmp_path):
                 columns[rng.choice(["path", "tag"])] = [f"s{step}-{i}" for i in range(n)]
             if rng.random() < 0.2:
                 columns["ok"] = [bool(step % 2)] * n
-            call = (lambda s, r=run, t=table, c=columns: s.append_run(r, {t: c}))
+            call = (lambda s, r=run, t=table, c=columns: s.append_run(r, {t: c}))  # noqa: E731
         elif op == "truncate":
             keep = rng.randint(0, 6)
             table_choice = rng.choice(["metrics", "sharpness"])
-            call = (lambda s, r=run, k=keep, t=table_choice: s.truncate_run(r, t, k))
+            call = (lambda s, r=run, k=keep, t=table_choice: s.truncate_run(r, t, k))  # noqa: E731
         elif op == "run":
             runs.append(f"r{len(runs)}")
-            call = (lambda s, r=runs[-1]: s.create_run(r, {"n": len(runs)}))
+            call = (lambda s, r=runs[-1]: s.create_run(r, {"n": len(runs)}))  # noqa: E731
         elif op == "analysis":
-            call = (lambda s, i=step: s.write_analysis(
+            call = (lambda s, i=step: s.write_analysis(  # noqa: E731
                 "t", {"i": i, "d": {"x": [i]}}, {"v": np.arange(i, dtype=float),
                                                  "names": np.array(["a", "b"])},
                 analysis_id=f"a{i}"))
         else:
-            call = (lambda s, r=run, i=step: s.append_run(r, {}, attrs={"status": f"s{i}"}))
+            call = (lambda s, r=run, i=step: s.append_run(r, {}, attrs={"status": f"s{i}"}))  # noqa: E731
         for store in stores:
             call(store)
         if step % 20 == 19:
