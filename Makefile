@@ -27,6 +27,9 @@ demo: $(VENV)/.installed
 	$(BIN)/hessdiag show demo-output/hessdiag.h5
 	$(BIN)/hessdiag plot demo-output/hessdiag.h5 --what sharpness -o demo-output/sharpness.png
 	$(BIN)/hessdiag plot demo-output/hessdiag.h5 --what density -o demo-output/density.png
+	$(BIN)/hessdiag landscape demo-output/checkpoints/demo/step-000120.pt --dims 2 \
+		--range -0.5,0.5 --resolution 15 --quiet --store demo-output/hessdiag.h5 \
+		--plot demo-output/landscape.png
 	$(BIN)/hessdiag report demo-output/hessdiag.h5 -o demo-output/report.html
 
 test: $(VENV)/.installed-test

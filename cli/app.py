@@ -19,13 +19,22 @@ from typing import Any
 
 import typer
 from hessdiag.cli import render
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from hessdiag import __version__
 from hessdiag._errors import InputError, first_line
 from hessdiag.settings import (
     BASES,
+    CURVATURES,
     DTYPES,
+    FISHER_KINDS,
     HVP_MODES,
     METHODS,
     OPTIMIZERS,
@@ -36,6 +45,7 @@ from hessdiag.settings import (
     TRACE_METHODS,
     AlignSettings,
     DataSettings,
+    LandscapeSettings,
     SpectrumSettings,
     TrainConfig,
 )
@@ -43,13 +53,17 @@ from hessdiag.settings import (
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 SPECTRUM, ALIGN, DATA = SpectrumSettings(), AlignSettings(), DataSettings()
+LANDSCAPE = LandscapeSettings()
 TRAIN = TrainConfig(model="", data="")
 
 # library parameter -> the option that sets it, where the names differ
 FLAGS = {"root": "--data-root", "model_spec": "--model", "unsafe": "--unsafe-load",
          "rule": "--perturbation", "init_from": "--from", "data": "--data",
-         "method": "--method"}
+         "method": "--method", "x_range": "--range", "y_range": "--range",
+         "y_resolution": "--resolution"}
 
+
+MATRIX_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton", "fisher": "Fisher"}
 
 # options shared by several commands (one declaration each)
 MODEL_OPTION = typer.Option(None, "--model", help="Architecture: a name from `hessdiag "
@@ -85,6 +99,17 @@ HVP_MODE_OPTION = typer.Option(SPECTRUM.hvp_mode, "--hvp-mode", help=", ".join(H
 DTYPE_OPTION = typer.Option(SPECTRUM.dtype, "--dtype", help=", ".join(DTYPES) + ".")
 DEVICE_OPTION = typer.Option(SPECTRUM.device, "--device", help="auto, cpu, cuda, cuda:N or mps.")
 SEED_OPTION = typer.Option(SPECTRUM.seed, "--seed", help="Seed of every random start and probe.")
+CURVATURE_OPTION = typer.Option(SPECTRUM.curvature, "--curvature", help=", ".join(CURVATURES)
+                                + ": the matrix analysed, the Hessian, the generalised "
+                                "Gauss-Newton matrix J^T H_out J or the Fisher (see "
+                                "--fisher-kind); ggn and fisher are positive semi-definite.")
+FISHER_KIND_OPTION = typer.Option(SPECTRUM.fisher_kind, "--fisher-kind",
+                                  help=", ".join(FISHER_KINDS) + ": with --curvature "
+                                  "fisher, targets sampled from the model (mc, seeded by "
+                                  "--seed) or the data's (empirical). Needs cross-entropy, "
+                                  "nll, bce or mse.")
+FISHER_SAMPLES_OPTION = typer.Option(SPECTRUM.fisher_samples, "--fisher-samples",
+                                     help="--fisher-kind mc: sampled targets per term.")
 
 app = typer.Typer(
     name="hessdiag",
@@ -142,35 +167,86 @@ def handles_errors(func: Callable) -> Callable:
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            render.stderr.print("interrupted")
+            render.stderr.print(f"{_rank_prefix()}interrupted")
             raise typer.Exit(130) from None
         except (ValueError, OSError) as exc:  # InputError and every error about the input
             if debug:
                 raise
-            render.stderr.print(f"[bold red]error:[/bold red] {render.escape(translate(exc))}",
-                                soft_wrap=True)
+            render.stderr.print(f"{_rank_prefix()}[bold red]error:[/bold red] "
+                                f"{render.escape(translate(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:
             if debug:
                 raise
-            render.stderr.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: "
-                                f"{render.escape(first_line(exc))} (a bug in hessdiag: rerun "
-                                "with --debug for the traceback, and report it)", soft_wrap=True)
+            peer = _peer_failure(exc)
+            if peer is not None:  # another process of a distributed job failed first
+                render.stderr.print(f"{_rank_prefix()}stopped: {render.escape(peer)}",
+                                    soft_wrap=True)
+                raise typer.Exit(EXIT_INTERNAL) from None
+            render.stderr.print(f"{_rank_prefix()}[bold red]internal error:[/bold red] "
+                                f"{type(exc).__name__}: {render.escape(first_line(exc))} (a "
+                                "bug in hessdiag: rerun with --debug for the traceback, and "
+                                "report it)", soft_wrap=True)
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
 
 
+def _rank_prefix() -> str:
+    """``rank R: `` in a job of several processes (``torchrun``), else nothing."""
+    from hessdiag.distributed import launched
+
+    try:
+        env = launched()
+    except ValueError:
+        return ""
+    return "" if env is None else f"rank {env.rank}: "
+
+
+def _peer_failure(exc: BaseException) -> str | None:
+    """What to say when ``exc`` only reports that another process of the job failed."""
+    from hessdiag.distributed import PeerFailed
+
+    if isinstance(exc, PeerFailed):
+        return first_line(exc)
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return f"lost contact with another process of the job ({first_line(exc, 160)})"
+    return None
+
+
+def _join(device: str = "auto") -> None:
+    """Join the other processes when launched by ``torchrun`` (nothing otherwise)."""
+    from hessdiag.distributed import init
+
+    init(device)
+
+
 def with_progress(enabled: bool, label: str, job: Callable[[Any], Any]) -> Any:
     """Run ``job(progress)`` with a rich progress bar on stderr counting HVPs, or with
-    ``progress=None`` when output is not a terminal or the bar is disabled."""
-    if not enabled or not render.stderr.is_terminal:
+    ``progress=None`` when output is not a terminal, the bar is disabled or this is not
+    rank 0 of a distributed job."""
+    if not enabled or not render.stderr.is_terminal or _rank_prefix() not in ("", "rank 0: "):
         return job(None)
     bar = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed} HVPs"),
                    TimeElapsedColumn(), console=render.stderr, transient=True)
     with bar:
         task = bar.add_task("hvps", total=None)
         return job(lambda done, total: bar.advance(task))
+
+
+def with_points_progress(enabled: bool, label: str, job: Callable[[Any], Any]) -> Any:
+    """Run ``job(progress)`` with a progress bar of grid points and its ETA on stderr (or
+    with ``progress=None`` off a terminal, and on ranks other than 0)."""
+    if not enabled or not render.stderr.is_terminal or _rank_prefix() not in ("", "rank 0: "):
+        return job(None)
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("points"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   console=render.stderr, transient=True)
+    with bar:
+        task = bar.add_task("points", total=None)
+        return job(lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -238,6 +314,9 @@ def spectrum(
                                        "with Adam's second moments from the checkpoint's "
                                        "optimizer state (preconditioned sharpness; its "
                                        "stability threshold is (2+2 beta1)/((1-beta1) lr))."),
+    curvature: str = CURVATURE_OPTION,
+    fisher_kind: str = FISHER_KIND_OPTION,
+    fisher_samples: int = FISHER_SAMPLES_OPTION,
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     seed: int = SEED_OPTION,
@@ -259,6 +338,7 @@ def spectrum(
     from hessdiag.store import Store
     from hessdiag.task import load_task
 
+    _join(device)
     if plot is not None and not density:
         raise InputError("--plot draws the spectral density: add --density")
     settings = SpectrumSettings(top_k=top_k, lambda_min=lambda_min, trace=trace,
@@ -267,7 +347,8 @@ def spectrum(
                                 slq_steps=slq_steps, params=params, per_layer=per_layer,
                                 dtype=dtype, device=device, hvp_mode=hvp_mode,
                                 memory_budget=memory_budget, seed=seed,
-                                preconditioner=preconditioner)
+                                preconditioner=preconditioner, curvature=curvature,
+                                fisher_kind=fisher_kind, fisher_samples=fisher_samples)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
                                  download=download, split=split, samples=samples,
                                  batch_size=batch_size)
@@ -295,7 +376,8 @@ def spectrum(
                 f"{plot.stem}-{n + 1}{plot.suffix or '.png'}")
             figure = plot_density(done.result.density, out,
                                   eigenvalues=done.result.top.eigenvalues,
-                                  title=f"{path.name}: Hessian spectral density")
+                                  title=f"{path.name}: {MATRIX_NAMES[curvature]} spectral "
+                                  "density")
         ck = done.task.checkpoint
         if as_json:
             render.emit_json({"checkpoint": str(path), "step": ck.step,
@@ -380,6 +462,109 @@ def sharpness(
         render.stdout.print(f"analysis {analysis_id} written to {store}")
 
 
+def _numbers(text: str, option: str, kind: type, counts: tuple[int, ...]) -> list:
+    """``"a,b"`` -> ``[a, b]`` for an option that takes one of ``counts`` numbers."""
+    try:
+        values = [kind(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in counts:
+        what = " or ".join(str(c) for c in counts)
+        raise InputError(f"{option} takes {what} comma-separated numbers; got {text!r}")
+    return values
+
+
+@app.command()
+@handles_errors
+def landscape(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint at the centre of the grid."),
+    dims: int = typer.Option(LANDSCAPE.dims, "--dims", help="1 (a curve) or 2 (a surface)."),
+    directions: str = typer.Option(LANDSCAPE.directions, "--directions",
+                                   help="random (filter-normalised Gaussian, Li et al. 2018) "
+                                   "or eigen (the top Hessian eigenvectors, unit length)."),
+    grid_range: str = typer.Option("-1,1", "--range", help="MIN,MAX of both coordinates, or "
+                                   "XMIN,XMAX,YMIN,YMAX (in units of the directions)."),
+    resolution: str = typer.Option(str(LANDSCAPE.resolution), "--resolution",
+                                   help="Points per coordinate: N, or NX,NY."),
+    filter_norm: bool = typer.Option(LANDSCAPE.filter_norm, "--filter-norm/--no-filter-norm",
+                                     help="random: rescale each filter of the direction to "
+                                     "the norm of the weights' filter (else: unit length)."),
+    bias: str = typer.Option(LANDSCAPE.bias, "--bias", help="With filter normalisation, the "
+                             "direction of biases and other 1-D parameters: zero or weights."),
+    model: str | None = MODEL_OPTION,
+    data: str | None = DATA_OPTION,
+    loss: str | None = LOSS_OPTION,
+    data_root: Path | None = DATA_ROOT_OPTION,
+    split: str = typer.Option(DATA.split, "--split", help=_choices(SPLITS) + "."),
+    samples: int | None = SAMPLES_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    tol: float | None = TOL_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    seed: int = SEED_OPTION,
+    store: Path = STORE_OPTION,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted landscape "
+                                "of this checkpoint with the same settings and store (its "
+                                "finished points are kept beside the store)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw the landscape here "
+                                     "(.png, .svg or .pdf)."),
+    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="Allow checkpoints that "
+                                     "hold pickled Python objects (runs code)."),
+    as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """The training loss (and accuracy) on a 1-D or 2-D grid around a checkpoint, along
+    filter-normalised random directions or the top Hessian eigenvectors, for any task;
+    stored as an analysis, resumable after an interruption."""
+    from hessdiag.landscape import landscape_of_checkpoint
+    from hessdiag.store import Store
+    from hessdiag.task import load_task
+
+    _join(device)
+    bounds = _numbers(grid_range, "--range", float, (2, 4))
+    points = _numbers(resolution, "--resolution", int, (1, 2))
+    settings = LandscapeSettings(
+        dims=dims, directions=directions, x_range=tuple(bounds[:2]),
+        y_range=tuple(bounds[2:]) if len(bounds) == 4 else None, resolution=points[0],
+        y_resolution=points[1] if len(points) == 2 else None, filter_norm=filter_norm,
+        bias=bias, tol=tol, dtype=dtype, device=device, seed=seed)
+    if dims == 1 and (len(bounds) == 4 or len(points) == 2):
+        raise InputError("--dims 1 takes one range MIN,MAX and one --resolution N")
+    data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
+                                 split=split, samples=samples, batch_size=batch_size)
+    if plot is not None:
+        from hessdiag.plot import check_path
+
+        check_path(plot)
+    target = Store(store)
+    target.check_writable()
+    load_task(str(checkpoint), data=data_settings, model_spec=model, loss=loss,
+              unsafe=unsafe_load)  # every input checked before the grid starts
+
+    def job(progress: Any) -> Any:
+        return landscape_of_checkpoint(
+            str(checkpoint), settings=settings, data=data_settings, model_spec=model,
+            loss=loss, unsafe=unsafe_load, store=target, resume=resume, progress=progress)
+
+    result, task, analysis_id = with_points_progress(not quiet and not as_json,
+                                                     checkpoint.name, job)
+    figure = None
+    if plot is not None and analysis_id is not None:  # rank 0 draws
+        from hessdiag.plot import landscape_figure, save
+
+        figure = save(landscape_figure(target.analysis(analysis_id)), plot)
+    if as_json:
+        render.emit_json({"checkpoint": str(checkpoint), **result.to_dict(),
+                          "loss_spec": task.loss.spec, "analysis_id": analysis_id})
+        return
+    render.stdout.print(render.landscape_table(
+        result, f"{checkpoint}: {task.model_spec} on {task.data.name} ({task.data.split}), "
+                f"loss {task.loss.spec}"))
+    render.stdout.print(f"analysis {analysis_id} written to {store}"
+                        + (f"; figure {figure}" if figure else ""))
+
+
 @app.command()
 @handles_errors
 def train(
@@ -442,6 +627,11 @@ def train(
                                           "checkpoint."),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run from its "
                                       "last checkpoint."),
+    sync_perturbation: bool = typer.Option(TRAIN.sync_perturbation, "--sync-perturbation",
+                                           help="torchrun: all-reduce SAM's first gradient "
+                                           "too, so every process perturbs by the whole "
+                                           "minibatch's gradient (single-process SAM); by "
+                                           "default each perturbs by its own part's."),
     store: Path = STORE_OPTION,
     as_json: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -453,6 +643,7 @@ def train(
     from hessdiag.train import TrainConfig
     from hessdiag.train import train as run_training
 
+    _join(device)
     target = Store(store)
     target.check_writable()
     if resume is None:
@@ -469,10 +660,12 @@ def train(
             device=device, checkpoint_every=checkpoint_every, sharpness_every=sharpness_every,
             sharpness_samples=sharpness_samples, run_name=run_name,
             checkpoint_dir=str(checkpoint_dir),
-            init_from=None if init_from is None else str(init_from))
+            init_from=None if init_from is None else str(init_from),
+            sync_perturbation=sync_perturbation)
     else:
         cfg = None
-    show_bar = not quiet and not as_json and render.stderr.is_terminal
+    show_bar = (not quiet and not as_json and render.stderr.is_terminal
+                and _rank_prefix() in ("", "rank 0: "))
     if show_bar:
         bar = Progress(TextColumn("{task.description}"), BarColumn(),
                        TextColumn("step {task.completed}/{task.total}"),
@@ -498,7 +691,8 @@ def train(
     else:
         render.stdout.print(render.train_summary(result, store))
     if result.status != "finished":
-        render.stderr.print(f"[bold red]error:[/bold red] {result.message}")
+        if _rank_prefix() in ("", "rank 0: "):
+            render.stderr.print(f"[bold red]error:[/bold red] {result.message}")
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -551,6 +745,7 @@ def align(
     from hessdiag.runtime import resolve_device
     from hessdiag.store import Store
 
+    _join(device)
     settings = AlignSettings(rule=perturbation, alpha=alpha, batches=batches,
                              batch_size=batch_size, top_k=top_k, samples=samples, tol=tol,
                              seed=seed, device=device)
@@ -598,18 +793,23 @@ def align(
         for path in paths:
             measure(path)
         return
+    from hessdiag.distributed import broadcast_object
+
     seen: set[str] = set()
     last_new = time.monotonic()
     try:
         while True:
             new = [p for p in files() if str(p) not in seen]
+            expired = timeout is not None and not new and time.monotonic() - last_new > timeout
+            # under torchrun, rank 0's view of the directory decides for every process
+            new, expired = broadcast_object((new, expired))
             for path in new:
                 seen.add(str(path))
                 last_new = time.monotonic()
                 if measure(path):
                     render.stderr.print(f"measured the run's final checkpoint {path}: done")
                     return
-            if timeout is not None and time.monotonic() - last_new > timeout:
+            if expired:
                 render.stderr.print(f"no new checkpoint for {timeout:g} s: stopping")
                 return
             time.sleep(poll)
@@ -642,6 +842,9 @@ def baseline(
     trace_hvps: int = TRACE_HVPS_OPTION,
     tol: float | None = TOL_OPTION,
     hvp_mode: str = HVP_MODE_OPTION,
+    curvature: str = CURVATURE_OPTION,
+    fisher_kind: str = FISHER_KIND_OPTION,
+    fisher_samples: int = FISHER_SAMPLES_OPTION,
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     seed: int = SEED_OPTION,
@@ -653,15 +856,20 @@ def baseline(
     as the baseline `hessdiag check` compares with."""
     from hessdiag.check import DEFAULT_METRICS, make_baseline, write_baseline
 
+    _join(device)
     settings = SpectrumSettings(top_k=top_k, trace_hvps=trace_hvps, tol=tol,
-                                hvp_mode=hvp_mode, dtype=dtype, device=device, seed=seed)
+                                hvp_mode=hvp_mode, dtype=dtype, device=device, seed=seed,
+                                curvature=curvature, fisher_kind=fisher_kind,
+                                fisher_samples=fisher_samples)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
                                  samples=samples, batch_size=batch_size)
     made = with_progress(not quiet and not as_json, checkpoint.name, lambda progress:
                          make_baseline(str(checkpoint), metrics=tuple(metric or DEFAULT_METRICS),
                                        settings=settings, data=data_settings, model_spec=model,
                                        loss=loss, progress=progress))
-    path = write_baseline(made, output)
+    from hessdiag.distributed import is_main
+
+    path = write_baseline(made, output) if is_main() else output  # rank 0 writes
     if as_json:
         render.emit_json({"baseline": str(path), **made.to_json()})
         return
@@ -704,6 +912,7 @@ def check(
     from hessdiag.check import junit_xml, read_baseline
     from hessdiag.store import Store
 
+    _join()
     base = None if baseline_source is None else read_baseline(baseline_source,
                                                                tuple(metric or ()))
     target = None
@@ -718,7 +927,9 @@ def check(
                                      max_ratio=max_ratio, data=data_settings,
                                      model_spec=model, loss=loss, seed=seed, store=target,
                                      progress=progress))
-    if junit is not None:
+    from hessdiag.distributed import is_main
+
+    if junit is not None and is_main():  # across processes, rank 0 writes
         junit.write_text(junit_xml(result, str(checkpoint)))
     if os.environ.get("GITHUB_ACTIONS") == "true":
         for row in result.rows:
@@ -796,6 +1007,21 @@ def show(
         render.stdout.print(render.rows_table(measures, f"{store}: {len(measures)} sharpness "
                                               "measurements (low/high: bounds; no high: an "
                                               "ascent's lower bound)"))
+    landscapes = [{key: row[key] for key in ("analysis_id", "checkpoint_path", "step",
+                                             "method", "measure", "landscape_points",
+                                             "landscape_loss0", "landscape_loss_max",
+                                             "lambda_max", "samples", "seconds")}
+                  for row in rows if row["kind"] == "landscape"]
+    if landscapes:
+        for row in landscapes:
+            row["checkpoint_path"] = Path(row["checkpoint_path"] or "-").name
+            row["directions"] = row.pop("method").removeprefix("landscape-")
+            row["grid"] = row.pop("measure").removeprefix("landscape-")
+            row.update({k: render.fmt(v) for k, v in row.items() if isinstance(v, float)})
+            row.update({k: "-" for k, v in row.items() if v is None})
+        render.stdout.print(render.rows_table(landscapes, f"{store}: {len(landscapes)} loss "
+                                              "landscapes (lambda_max: of the eigen "
+                                              "direction)"))
     for record in records:
         if "slq/density" in record.arrays:
             render.stdout.print(render.density_sketch(record))
@@ -938,7 +1164,40 @@ def datasets(
 
 
 def main() -> None:
+    from hessdiag.distributed import launched
+
+    try:
+        env = launched()
+    except ValueError as exc:
+        render.stderr.print(f"[bold red]error:[/bold red] {render.escape(translate(exc))}",
+                            soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
+    if env is None:
+        try:
+            app()
+        except SystemExit as exc:
+            sys.exit(exc.code)
+        return
+    # torchrun: every process runs the command; only rank 0 prints results and writes
+    import os
+
+    from hessdiag.distributed import shutdown
+
+    quiet = None
+    if env.rank != 0:
+        quiet = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+        sys.stdout = quiet
+    code: Any = 0
     try:
         app()
     except SystemExit as exc:
-        sys.exit(exc.code)
+        code = exc.code
+    finally:
+        try:
+            shutdown()
+        except Exception:  # noqa: BLE001 (a group torn down by a failure: nothing to do)
+            pass
+        if quiet is not None:
+            sys.stdout = sys.__stdout__
+            quiet.close()
+    sys.exit(code)

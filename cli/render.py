@@ -73,7 +73,11 @@ def spectrum_table(result, title: str) -> Table:
         table.add_row(f"trace (SLQ, {result.density.n_probes} probes)", fmt(est, 6),
                       f"± {fmt(se, 2)} (1 s.e.)", "")
     op = result.operator
-    table.caption = (f"{op.get('dim')} parameters, {op.get('samples')} samples, "
+    curvature = op.get("curvature", "hessian")
+    if op.get("fisher"):
+        curvature += f" ({op['fisher']}" + (f", seed {op.get('seed')})" if op["fisher"] == "mc"
+                                            else ")")
+    table.caption = (f"{curvature}: {op.get('dim')} parameters, {op.get('samples')} samples, "
                      f"{op.get('dtype')} on {op.get('device')}, HVP mode {op.get('mode')}; "
                      f"{result.hvps} HVPs in {result.seconds:.1f} s; seed {result.seed}; "
                      f"tol {top.tol:g} (relative residual)")
@@ -285,3 +289,57 @@ def check_table(result, checkpoint: str) -> Table:
                      f"{result.result.seconds:.1f} s")
     table.caption_justify = "left"
     return table
+
+
+def landscape_table(result, title: str) -> Table:
+    """The landscape's centre, range of losses, directions and cost, with a sketch of the
+    1-D curve."""
+    d = result.directions
+    table = Table(title=title, title_justify="left")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    finite = result.loss[np.isfinite(result.loss)]
+    table.add_row("loss at the checkpoint", fmt(result.loss0, 6))
+    if finite.size:
+        table.add_row("loss on the grid: min / max", f"{fmt(float(finite.min()), 6)} / "
+                      f"{fmt(float(finite.max()), 6)}")
+    acc = result.accuracy[np.isfinite(result.accuracy)]
+    if acc.size:
+        table.add_row("accuracy on the grid: min / max",
+                      f"{fmt(float(acc.min()), 4)} / {fmt(float(acc.max()), 4)}")
+    kind = d.get("kind")
+    if kind == "eigen":
+        for i, (lam, res) in enumerate(zip(d.get("eigenvalues", []), d.get("residuals", []),
+                                           strict=False)):
+            table.add_row(f"direction {i + 1}: eigenvector of lambda_{i + 1}",
+                          f"{fmt(lam, 6)} (res {fmt(res, 2)})")
+    else:
+        norms = ", ".join(fmt(n, 4) for n in d.get("norms", []))
+        table.add_row("random directions' norms" + (" (filter-normalised)"
+                                                    if d.get("filter_norm") else ""), norms)
+        if d.get("cosine") is not None:
+            table.add_row("cosine between the two directions", fmt(d["cosine"], 3))
+    if result.ys is None:
+        table.add_row("loss along the direction", _sparkline(result.loss))
+    shape = ("x".join(str(n) for n in reversed(result.loss.shape)) + " grid"
+             if result.ys is not None else f"{result.loss.size} points")
+    table.caption = (f"{shape} over x in [{fmt(float(result.xs[0]))}, "
+                     f"{fmt(float(result.xs[-1]))}]"
+                     + ("" if result.ys is None else f", y in [{fmt(float(result.ys[0]))}, "
+                        f"{fmt(float(result.ys[-1]))}]")
+                     + f"; {result.samples} samples, {result.forward_passes} forward passes"
+                     + (f" ({result.resumed_points} points resumed)" if result.resumed_points
+                        else "") + f" in {result.seconds:.1f} s; seed {result.seed}")
+    table.caption_justify = "left"
+    return table
+
+
+def _sparkline(values: np.ndarray) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    v = np.asarray(values, dtype=float)
+    finite = v[np.isfinite(v)]
+    if not finite.size:
+        return "-"
+    lo, hi = float(finite.min()), float(finite.max())
+    span = hi - lo or 1.0
+    return "".join(" " if not math.isfinite(x) else bars[int((x - lo) / span * 7)] for x in v)

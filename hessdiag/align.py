@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hessdiag.distributed import is_main
 from hessdiag.measures import (
     AlignmentProbe,
     checkpoint_alignment,
@@ -68,7 +69,7 @@ def align_checkpoint(path: str, *, settings: AlignSettings | None = None,
                                         data=data or DataSettings(), model_spec=model_spec,
                                         loss=loss, unsafe=unsafe, progress=progress)
     analysis_id = None
-    if store is not None:
+    if store is not None and is_main():  # across processes, rank 0 writes
         origin = provenance(task)
         origin["data"] = {**origin["data"], "measure_samples": task.data.samples}
         analysis_id = write_alignment(store, result, origin)

@@ -43,6 +43,7 @@ import numpy as np
 
 from hessdiag._errors import InputError
 from hessdiag.curvature.stats import mean_interval
+from hessdiag.distributed import collective, is_main
 from hessdiag.measures import checkpoint_alignment, compute_spectrum
 from hessdiag.records import provenance, read_spectrum
 from hessdiag.results import SpectrumResult
@@ -264,8 +265,10 @@ def _measure(task: Task, checkpoint: str, metrics: tuple[str, ...], settings: Sp
              data: DataSettings, align: AlignSettings | None, model_spec: str | None,
              loss: str | None, unsafe: bool, progress: Any
              ) -> tuple[SpectrumResult, dict[str, Any]]:
-    result = compute_spectrum(task.model, task.loss, task.batches(data.batch_size), settings,
-                              progress=progress)
+    group = collective()  # across processes: each measures its shard (sharpness: all data)
+    result = compute_spectrum(task.model, task.loss,
+                              task.batches(data.batch_size, sharded=group is not None),
+                              settings, progress=progress, collective=group)
     alignment = None
     if "alignment" in metrics:
         alignment, _ = checkpoint_alignment(checkpoint, settings=align or AlignSettings(),
@@ -443,7 +446,7 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
                                 model_spec, loss, unsafe, progress)
     rows = [] if baseline is None else compare(baseline.metrics, measured, rtol)
     rows += _absolute(measured, limits)
-    if store is not None:
+    if store is not None and is_main():  # across processes, rank 0 writes
         from hessdiag.records import write_spectrum
 
         origin = provenance(task)

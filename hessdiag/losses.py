@@ -49,7 +49,10 @@ class Loss:
     """A mean loss with the count of terms it averages over.
 
     ``spec`` is the name it was resolved from (stored with every result);
-    ``classification`` says whether accuracy means something for it.
+    ``classification`` says whether accuracy means something for it; ``likelihood`` names
+    the built-in loss it is exactly (``cross-entropy``, ``nll``, ``bce``, ``mse``), which the
+    Gauss-Newton and Fisher operators need for their closed forms and sampled targets, and is
+    ``None`` for anything else (label smoothing, factories).
     """
 
     spec: str
@@ -57,6 +60,7 @@ class Loss:
     count_fn: Callable[[Any], int]
     classification: bool
     accuracy_fn: Callable[[Any, Any], tuple[int, int]] | None = None
+    likelihood: str | None = None
 
     def __call__(self, outputs: Any, targets: Any) -> Tensor:
         return self.fn(outputs, targets)
@@ -158,7 +162,8 @@ def _samples(targets: Any) -> int:
 def cross_entropy(label_smoothing: float = 0.0) -> Loss:
     """``cross-entropy``, optionally with label smoothing (training only)."""
     if label_smoothing == 0:
-        return Loss("cross-entropy", _cross_entropy, _real_terms, True, _argmax_accuracy)
+        return Loss("cross-entropy", _cross_entropy, _real_terms, True, _argmax_accuracy,
+                    likelihood="cross-entropy")
 
     def smoothed(outputs: Tensor, targets: Tensor) -> Tensor:
         out, tgt = _class_targets("cross-entropy", outputs, targets)
@@ -170,9 +175,9 @@ def cross_entropy(label_smoothing: float = 0.0) -> Loss:
 
 _BUILTIN: dict[str, Callable[[], Loss]] = {
     "cross-entropy": cross_entropy,
-    "nll": lambda: Loss("nll", _nll, _real_terms, True, _argmax_accuracy),
-    "bce": lambda: Loss("bce", _bce, _samples, True, _bce_accuracy),
-    "mse": lambda: Loss("mse", _mse, _samples, False, None),
+    "nll": lambda: Loss("nll", _nll, _real_terms, True, _argmax_accuracy, likelihood="nll"),
+    "bce": lambda: Loss("bce", _bce, _samples, True, _bce_accuracy, likelihood="bce"),
+    "mse": lambda: Loss("mse", _mse, _samples, False, None, likelihood="mse"),
 }
 _ALIASES = {"ce": "cross-entropy", "crossentropy": "cross-entropy", "cross_entropy":
             "cross-entropy", "l2": "mse"}

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from hessdiag._errors import InputError
 from hessdiag.curvature import (
+    FisherOperator,
+    GGNOperator,
     HessianOperator,
     hutchinson,
     hutchpp,
@@ -34,6 +36,7 @@ from hessdiag.curvature import (
     preserved_state,
     slq,
 )
+from hessdiag.curvature.gauss_newton import LIKELIHOODS, likelihood_of
 from hessdiag.curvature.linear import Progress
 from hessdiag.curvature.preconditioned import (
     PreconditionedOperator,
@@ -61,13 +64,15 @@ def training_gradient(model: nn.Module, params: list[nn.Parameter], loss_fn, x, 
 
 def top_eigenpair(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
                   measure_batches: Any, *, v0: Tensor | None = None, tol: float = 1e-3,
-                  seed: int = 0, device: torch.device | str | None = None
-                  ) -> tuple[dict[str, float], Tensor]:
+                  seed: int = 0, device: torch.device | str | None = None,
+                  collective: Any = None) -> tuple[dict[str, float], Tensor]:
     """``lambda_max`` over ``measure_batches`` (Lanczos, warm-started from ``v0``) with its
-    residual, and its unit eigenvector (the next warm start)."""
+    residual, and its unit eigenvector (the next warm start). ``collective``: see
+    :func:`compute_spectrum`."""
     op = HessianOperator(model, loss_fn, measure_batches, device=device,
                          check_determinism=False,
-                         batch_size_fn=getattr(loss_fn, "batch_weight", None))
+                         batch_size_fn=getattr(loss_fn, "batch_weight", None),
+                         collective=collective)
     top = lanczos(op, k=1, tol=tol, seed=seed, v0=v0)
     row = {"lambda_max": float(top.eigenvalues[0]),
            "lambda_max_residual": float(top.residuals[0]),
@@ -168,21 +173,64 @@ class AlignmentProbe:
 # --------------------------------------------------------------------------- spectra
 
 
+# the Hessian's product modes, as the Gauss-Newton and Fisher operators compute J v
+_OUTPUT_MODES = {"auto": "auto", "forward-over-reverse": "jvp", "double-backward": "double-vjp",
+                 "jvp": "jvp", "double-vjp": "double-vjp"}
+
+
+def check_curvature(loss_fn: Any, settings: SpectrumSettings, collective: Any = None) -> None:
+    """:class:`InputError` (``curvature``) when ``settings.curvature`` cannot be computed
+    for this loss: the Fisher needs a loss that is a likelihood."""
+    if settings.curvature == "hessian":
+        return
+    if collective is not None:
+        raise InputError(f"curvature {settings.curvature} is computed in one process; use "
+                         "curvature hessian across processes", param="curvature")
+    if settings.curvature == "fisher" and likelihood_of(loss_fn) is None:
+        spec = getattr(loss_fn, "spec", None) or type(loss_fn).__name__
+        raise InputError(f"curvature fisher needs a loss that is a likelihood "
+                         f"({', '.join(LIKELIHOODS)}); loss {spec} is not one: use curvature "
+                         "ggn, which takes any loss", param="curvature")
+
+
+def curvature_operator(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings, *,
+                       params: Any = None, mode: str | None = None,
+                       check_determinism: bool = True, memory_budget: int | None = None,
+                       collective: Any = None) -> Any:
+    """The operator of ``s.curvature`` over ``params``: a :class:`HessianOperator`,
+    :class:`GGNOperator` or :class:`FisherOperator` (its targets seeded from ``s.seed``),
+    batches weighted by the loss's count. ``mode``: a mode the operator already chose
+    (default ``s.hvp_mode``)."""
+    check_curvature(loss_fn, s, collective)
+    common = {"params": params, "dtype": resolve_dtype(s.dtype),
+              "device": resolve_device(s.device), "check_determinism": check_determinism,
+              "batch_size_fn": getattr(loss_fn, "batch_weight", None)}
+    mode = mode or s.hvp_mode
+    if s.curvature == "hessian":
+        return HessianOperator(model, loss_fn, data, mode=mode, memory_budget=memory_budget,
+                               collective=collective, **common)
+    if s.curvature == "ggn":
+        return GGNOperator(model, loss_fn, data, mode=_OUTPUT_MODES[mode], **common)
+    return FisherOperator(model, loss_fn, data, mode=_OUTPUT_MODES[mode], kind=s.fisher_kind,
+                          seed=s.seed + 4, mc_samples=s.fisher_samples, **common)
+
+
 def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
                      settings: SpectrumSettings | None = None, *,
                      optimizer_state: dict[str, Any] | None = None,
-                     progress: Progress = None) -> SpectrumResult:
+                     progress: Progress = None, collective: Any = None) -> SpectrumResult:
     """Analyse the Hessian of ``loss_fn`` (the mean over ``data``'s samples, or terms: a
-    :class:`hessdiag.losses.Loss` weights batches by its count) at the model's weights.
+    :class:`hessdiag.losses.Loss` weights batches by its count) at the model's weights,
+    or its generalised Gauss-Newton or Fisher matrix (``settings.curvature``).
     ``optimizer_state``: the state dict of the optimizer that trained the model, for
-    ``settings.preconditioner="adam"``."""
+    ``settings.preconditioner="adam"``. ``collective``: across processes, a
+    :class:`hessdiag.distributed.Collective` with ``data`` this process's shard (the result
+    is that of all shards together, on every process)."""
     s = settings or SpectrumSettings()
     start = time.perf_counter()
-    weight = getattr(loss_fn, "batch_weight", None)
-    dtype, device = resolve_dtype(s.dtype), resolve_device(s.device)
     budget = None if s.memory_budget is None else int(s.memory_budget * (1 << 30))
-    op = HessianOperator(model, loss_fn, data, params=s.params, dtype=dtype, device=device,
-                         mode=s.hvp_mode, batch_size_fn=weight, memory_budget=budget)
+    op = curvature_operator(model, loss_fn, data, s, params=s.params, memory_budget=budget,
+                            collective=collective)
     if s.preconditioner == "adam":
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         try:
@@ -205,12 +253,14 @@ def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
     hvps = op.hvp_count
     layers: tuple[LayerSharpness, ...] = ()
     if s.per_layer:
-        layers = tuple(_layer(model, loss_fn, data, s, names, name, op.mode, progress)
+        layers = tuple(_layer(model, loss_fn, data, s, names, name, op.mode, progress,
+                              collective)
                        for name, names in parameterised_modules(model, op.param_names))
         hvps += sum(layer.top.hvps + (layer.trace.hvps if layer.trace else 0)
                     for layer in layers)
     return SpectrumResult(
-        top=top, bottom=bottom, trace=trace, density=density, operator=op.describe(),
+        top=top, bottom=bottom, trace=trace, density=density,
+        operator={"curvature": s.curvature, **op.describe()},
         hvps=hvps, seconds=time.perf_counter() - start, seed=s.seed,
         settings={**asdict(s), "tol": top.tol}, layers=layers,
     )
@@ -230,12 +280,11 @@ def parameterised_modules(model: nn.Module, selected: list[str]) -> list[tuple[s
 
 
 def _layer(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings, names: list[str],
-           name: str, mode: str | None, progress: Progress) -> LayerSharpness:
-    """Top eigenvalue and trace of one module's diagonal Hessian block."""
-    op = HessianOperator(model, loss_fn, data, params=names, dtype=resolve_dtype(s.dtype),
-                         device=resolve_device(s.device), mode=mode or s.hvp_mode,
-                         check_determinism=False,
-                         batch_size_fn=getattr(loss_fn, "batch_weight", None))
+           name: str, mode: str | None, progress: Progress,
+           collective: Any = None) -> LayerSharpness:
+    """Top eigenvalue and trace of one module's diagonal block of the curvature."""
+    op = curvature_operator(model, loss_fn, data, s, params=names, mode=mode,
+                            check_determinism=False, collective=collective)
     top = lanczos(op, k=1, which="largest", tol=s.tol, seed=s.seed, progress=progress)
     estimator = hutchpp if s.trace_method == "hutch++" else hutchinson
     trace = estimator(op, s.trace_hvps, seed=s.seed + 2, progress=progress)
@@ -264,12 +313,17 @@ def measure_alignment(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    collective: Any = None,
 ) -> AlignmentResult:
     """Top eigenvector(s) of the Hessian over ``measure_batches`` (Lanczos), then the
     cosine between each minibatch's perturbation and the top eigenvector.
 
     ``eigenvector``: for ``rule="eigensam"``, the optimizer's estimate ``u`` (flat, in the
-    order of the model's trainable parameters)."""
+    order of the model's trainable parameters). ``collective``: across processes (a
+    :class:`hessdiag.distributed.Collective`), ``measure_batches`` is this process's shard
+    of the measurement set, ``minibatches`` all of them on every process: each process
+    computes the cosines of its contiguous share of the minibatches and they are gathered
+    in order, so the result is the single-process one on every process."""
     if rule not in RULES:
         raise InputError(f"rule must be one of {', '.join(RULES)}; got {rule!r}", param="rule")
     if top_k < 1:
@@ -282,7 +336,8 @@ def measure_alignment(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     op = HessianOperator(model, loss_fn, measure_batches, device=device,
-                         batch_size_fn=getattr(loss_fn, "batch_weight", None))
+                         batch_size_fn=getattr(loss_fn, "batch_weight", None),
+                         collective=collective)
     top = lanczos(op, k=top_k, tol=tol, seed=seed, progress=progress)
     V = top.eigenvectors
     v = V[:, 0]
@@ -296,17 +351,31 @@ def measure_alignment(
                          param="rule")
     base = "eigensam" if rule.startswith("eigensam") else rule
     cosines, shares = [], []
-    for x, y in minibatches:
-        x, y = to_device(x, device), to_device(y, device)
-        g = training_gradient(model, params, loss_fn, x, y).to(v)
-        (e,) = perturbation(base, [g], rho=1.0, params=[w], eigenvector=None if u is None
-                            else [u], alpha=alpha)
-        norm = float(torch.linalg.vector_norm(e))
-        if norm == 0:
-            continue  # a zero gradient has no direction
-        cosines.append(float(e @ v) / norm)
-        if top_k > 1:
-            shares.append(float(torch.linalg.vector_norm(V.T @ e) ** 2) / norm**2)
+    if collective is not None:
+        minibatches = list(minibatches)
+        minibatches = [minibatches[i] for i in collective.shard(len(minibatches))]
+    error = None
+    try:
+        for x, y in minibatches:
+            x, y = to_device(x, device), to_device(y, device)
+            g = training_gradient(model, params, loss_fn, x, y).to(v)
+            (e,) = perturbation(base, [g], rho=1.0, params=[w], eigenvector=None if u is None
+                                else [u], alpha=alpha)
+            norm = float(torch.linalg.vector_norm(e))
+            if norm == 0:
+                continue  # a zero gradient has no direction
+            cosines.append(float(e @ v) / norm)
+            if top_k > 1:
+                shares.append(float(torch.linalg.vector_norm(V.T @ e) ** 2) / norm**2)
+    except Exception as exc:
+        if collective is None:
+            raise
+        error = exc  # reported to the others, then raised here
+    if collective is not None:
+        collective.counts(error=error)
+        parts = collective.gather((cosines, shares))
+        cosines = [c for part in parts for c in part[0]]
+        shares = [s_ for part in parts for s_ in part[1]]
     if not cosines:
         raise InputError("no minibatch gave a non-zero gradient: nothing to align",
                          param="data")
@@ -362,9 +431,13 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
         replace(data, samples=None), task.checkpoint.data, where=f"checkpoint {path}")
     minibatches = random_minibatches(full, settings.batches, settings.batch_size,
                                      settings.seed)
+    from hessdiag.distributed import collective
+
+    group = collective()
     result = measure_alignment(
-        task.model, task.loss, task.batches(256), minibatches, rule=settings.rule,
-        alpha=alpha, eigenvector=eigenvector, top_k=settings.top_k, tol=settings.tol,
-        seed=settings.seed, device=resolve_device(settings.device), progress=progress)
+        task.model, task.loss, task.batches(256, sharded=group is not None), minibatches,
+        rule=settings.rule, alpha=alpha, eigenvector=eigenvector, top_k=settings.top_k,
+        tol=settings.tol, seed=settings.seed, device=resolve_device(settings.device),
+        progress=progress, collective=group)
     result = replace(result, settings={**result.settings, **vars(settings), "alpha": alpha})
     return result, task

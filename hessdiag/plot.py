@@ -388,6 +388,8 @@ def landscape_figure(record: Any, *, title: str | None = None) -> Any:
     land = read_landscape(record)
     xs, loss = np.asarray(land.xs), np.asarray(land.loss, dtype=float)
     kind = land.directions.get("kind", "?")
+    if land.directions.get("filter_norm"):
+        kind += ", filter-normalised"
     if land.ys is None:
         has_acc = np.isfinite(np.asarray(land.accuracy, dtype=float)).any()
         fig, axes = _new(1, 2 if has_acc else 1, size=(9.6 if has_acc else 6.4, 3.6))
@@ -408,14 +410,15 @@ def landscape_figure(record: Any, *, title: str | None = None) -> Any:
         levels = None
         if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 50:
             levels = np.geomspace(finite.min(), finite.max(), 25)
-        contour = ax.contourf(xs, ys, loss, levels=levels or 25, cmap="viridis")
+        contour = ax.contourf(xs, ys, loss, levels=levels if levels is not None else 25,
+                              cmap="viridis")
         contour.set_gid("loss")
         ax.contour(xs, ys, loss, levels=contour.levels, colors="white", linewidths=0.3)
         fig.colorbar(contour, ax=ax, label="loss")
         ax.plot([0], [0], "r*", ms=8, label="checkpoint")
         ax.set_xlabel(f"direction 1 ({kind})")
         ax.set_ylabel(f"direction 2 ({kind})")
-        ax.legend(fontsize=7, frameon=False, loc="upper right")
+        ax.legend(fontsize=7, frameon=True, loc="upper right")
     return _finish(fig, title or f"Loss landscape ({kind} directions)")
 
 

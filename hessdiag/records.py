@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hessdiag.curvature import EigenResult, SLQResult, TraceResult
-from hessdiag.results import AlignmentResult, LayerSharpness, SpectrumResult
+from hessdiag.results import AlignmentResult, LandscapeResult, LayerSharpness, SpectrumResult
 from hessdiag.runtime import versions
 from hessdiag.sharpness import SharpnessResult
 from hessdiag.store import Record, Store
@@ -296,8 +296,41 @@ def read_sharpness(record: Record) -> SharpnessResult:
     return SharpnessResult.from_dict(meta)
 
 
+# --------------------------------------------------------------------------- landscapes
+
+
+def write_landscape(store: Store, result: LandscapeResult, origin: dict[str, Any]) -> str:
+    """Write a loss landscape (its grid, directions and settings); returns its id."""
+    d = result.to_dict()
+    meta = {k: v for k, v in d.items() if k not in ("x", "y", "loss", "accuracy")}
+    attrs = {**origin, "method": f"landscape-{result.directions.get('kind')}",
+             "seconds": result.seconds, "seed": result.seed, "settings": result.settings,
+             "solvers": {"landscape": meta}}
+    arrays = {"landscape/x": np.asarray(result.xs, dtype=float),
+              "landscape/y": None if result.ys is None else np.asarray(result.ys, dtype=float),
+              "landscape/loss": np.asarray(result.loss, dtype=float),
+              "landscape/accuracy": np.asarray(result.accuracy, dtype=float)}
+    return store.write_analysis("landscape", attrs, arrays)
+
+
+def read_landscape(record: Record) -> LandscapeResult:
+    """The :class:`LandscapeResult` a landscape record holds."""
+    meta = dict((record.attrs.get("solvers") or {}).get("landscape") or {})
+    x = record.arrays
+    return LandscapeResult(
+        xs=np.asarray(x["landscape/x"], dtype=float),
+        ys=None if "landscape/y" not in x else np.asarray(x["landscape/y"], dtype=float),
+        loss=np.asarray(x["landscape/loss"], dtype=float),
+        accuracy=np.asarray(x["landscape/accuracy"], dtype=float),
+        directions=dict(meta.get("directions") or {}), loss0=float(meta.get("loss0", np.nan)),
+        samples=int(meta.get("samples", -1)), forward_passes=int(meta.get("forward_passes", 0)),
+        seconds=float(meta.get("seconds", 0.0)), seed=int(meta.get("seed", 0)),
+        resumed_points=int(meta.get("resumed_points", 0)),
+        settings=dict(meta.get("settings") or {}))
+
+
 READERS = {"spectrum": read_spectrum, "alignment": read_alignment,
-           "sharpness": read_sharpness}
+           "sharpness": read_sharpness, "landscape": read_landscape}
 
 
 def read_result(record: Record) -> SpectrumResult | AlignmentResult | SharpnessResult:
@@ -314,12 +347,14 @@ def read_result(record: Record) -> SpectrumResult | AlignmentResult | SharpnessR
 SUMMARY_COLUMNS = (
     "analysis_id", "kind", "created", "checkpoint_path", "checkpoint_sha256", "run_id", "step",
     "epoch", "model", "data", "split", "loss", "samples", "seed", "method", "tol", "hvps",
-    "seconds", "lambda_max", "lambda_max_residual", "n_eigenvalues", "all_converged",
+    "seconds", "curvature", "lambda_max", "lambda_max_residual", "n_eigenvalues",
+    "all_converged",
     "lambda_min", "lambda_min_residual", "lambda_ratio", "trace", "trace_stderr",
     "trace_method", "slq_sigma", "layers", "perturbation", "alignment", "alignment_ci95_low",
     "alignment_ci95_high", "alignment_signed", "alignment_signed_ci95_low",
     "alignment_signed_ci95_high", "alignment_batches", "topk_share", "measure", "sharpness",
-    "sharpness_low", "sharpness_high", "rho", "lr_c", "forward_passes", "hessdiag_version",
+    "sharpness_low", "sharpness_high", "rho", "lr_c", "forward_passes", "landscape_loss0",
+    "landscape_loss_max", "landscape_points", "hessdiag_version",
 )
 """The columns of :func:`summary` (the same for every kind, ``None`` where absent)."""
 
@@ -365,6 +400,18 @@ def summary(record: Record) -> dict[str, Any]:
             "trace_method": d["trace_method"],
             "slq_sigma": _scalar(record.arrays, "slq/sigma"),
             "layers": len(result.layers) or None,
+            "curvature": d["curvature"],
+        })
+    elif isinstance(result, LandscapeResult):
+        finite = result.loss[np.isfinite(result.loss)]
+        eig = result.directions.get("eigenvalues") or [None]
+        row.update({
+            "measure": f"landscape-{result.dims}d",
+            "lambda_max": eig[0] if result.directions.get("kind") == "eigen" else None,
+            "landscape_loss0": result.loss0,
+            "landscape_loss_max": float(finite.max()) if finite.size else None,
+            "landscape_points": int(result.loss.size),
+            "forward_passes": result.forward_passes,
         })
     elif isinstance(result, SharpnessResult):
         row.update({

@@ -80,19 +80,25 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+LANDSCAPES = 4
+"""Landscapes drawn in a report (the latest ones)."""
+
+
 def figures(store: Any) -> list[tuple[str, str]]:
     """``(what, base64 PNG)`` of every figure the store has the data for, in reading order
     (runs first, then analyses)."""
     from hessdiag.plot import figure
 
     out = []
-    for what in ("training", "sharpness", "alignment", "eigenvalues", "density", "layers",
-                 "landscape"):
+    for what in ("training", "sharpness", "alignment", "eigenvalues", "density", "layers"):
         try:
             fig = figure(store, what)
         except InputError:  # the store holds nothing this figure draws
             continue
         out.append((what, _png(fig)))
+    landscapes = [r.id for r in store.analyses() if r.kind == "landscape"]
+    for analysis_id in landscapes[-LANDSCAPES:]:  # the latest ones, each its own figure
+        out.append(("landscape", _png(figure(store, "landscape", analyses=[analysis_id]))))
     return out
 
 
@@ -116,8 +122,11 @@ def render_report(store: Any) -> str:
     drawn = figures(store)
     if not drawn:
         parts.append("<p class=meta>nothing to draw yet</p>")
+    seen: dict[str, int] = {}
     for what, data in drawn:
-        parts.append(f"<figure id={what}><img alt='{what} figure' "
+        seen[what] = seen.get(what, 0) + 1
+        anchor = what if seen[what] == 1 else f"{what}-{seen[what]}"
+        parts.append(f"<figure id={anchor}><img alt='{what} figure' "
                      f"src='data:image/png;base64,{data}'><figcaption><b>{what}</b>: "
                      f"{html.escape(CAPTIONS[what])}</figcaption></figure>")
     parts.append("</body></html>\n")

@@ -107,7 +107,12 @@ class SpectrumResult:
             "hvp_mode": self.operator.get("mode"),
             "dtype": self.operator.get("dtype"),
             "device": self.operator.get("device"),
+            "curvature": self.operator.get("curvature", "hessian"),
         }
+        if self.operator.get("fisher"):  # the Fisher's kind, and the seed of its targets
+            op = self.operator
+            out["fisher"] = {"kind": op["fisher"], "seed": op.get("seed"),
+                             "samples": op.get("mc_samples")}
         if self.operator.get("preconditioner"):
             # the eigenvalues are of P^-1/2 H P^-1/2; ``threshold`` is its stability bound
             out["preconditioner"] = self.operator["preconditioner"]
@@ -171,4 +176,51 @@ class AlignmentResult:
             "perturbation": self.rule, "alpha": self.alpha,
             "hvps": self.hvps, "seconds": self.seconds, "seed": self.seed,
             "settings": self.settings,
+        }
+
+
+@dataclass(frozen=True)
+class LandscapeResult:
+    """The loss (and accuracy) on a grid around a checkpoint ``theta``:
+    ``loss[i] = L(theta + xs[i] d1)`` (1-D) or ``loss[j, i] = L(theta + xs[i] d1 + ys[j] d2)``
+    (2-D: rows are the second coordinate). ``accuracy`` has the grid's shape (NaN for a
+    loss without accuracy). ``directions`` says what ``d1``, ``d2`` are: ``kind``
+    (random / eigen), ``filter_norm``, ``bias``, their ``norms`` and ``cosine``, and for
+    eigen directions their ``eigenvalues``, ``residuals`` and ``converged`` flags.
+    ``loss0``: the loss at ``theta``; ``resumed_points``: grid points taken from an
+    interrupted run instead of computed."""
+
+    xs: np.ndarray
+    ys: np.ndarray | None
+    loss: np.ndarray
+    accuracy: np.ndarray
+    directions: dict[str, Any]
+    loss0: float
+    samples: int
+    forward_passes: int
+    seconds: float
+    seed: int
+    resumed_points: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dims(self) -> int:
+        return 1 if self.ys is None else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        def grid(a: np.ndarray) -> Any:
+            return [[_float(v) for v in row] for row in a] if a.ndim == 2 \
+                else [_float(v) for v in a]
+
+        finite = self.loss[np.isfinite(self.loss)]
+        return {
+            "dims": self.dims, "x": [float(v) for v in self.xs],
+            "y": None if self.ys is None else [float(v) for v in self.ys],
+            "loss": grid(self.loss), "accuracy": grid(self.accuracy),
+            "loss0": self.loss0,
+            "loss_min": _float(finite.min()) if finite.size else None,
+            "loss_max": _float(finite.max()) if finite.size else None,
+            "directions": self.directions, "samples": self.samples,
+            "forward_passes": self.forward_passes, "resumed_points": self.resumed_points,
+            "seconds": self.seconds, "seed": self.seed, "settings": self.settings,
         }

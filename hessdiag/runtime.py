@@ -19,7 +19,14 @@ def _mps_available() -> bool:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` is the first CUDA device, else Apple's MPS, else the CPU; any other name is
-    checked against what this machine has."""
+    checked against what this machine has. In a job of several processes on GPUs
+    (``torchrun``), ``auto`` and ``cuda`` are ``cuda:LOCAL_RANK``, one GPU per process."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        from hessdiag.distributed import local_device
+
+        local = local_device()
+        if local is not None:
+            return local
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

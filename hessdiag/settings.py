@@ -26,6 +26,8 @@ BASES = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 SHARPNESS_MEASURES = ("critical", "worst-case", "adaptive")
 PRECONDITIONERS = ("none", "adam")
+CURVATURES = ("hessian", "ggn", "fisher")
+FISHER_KINDS = ("mc", "empirical")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ class SpectrumSettings:
     :func:`hessdiag.curvature.operator.default_memory_budget`). ``preconditioner="adam"``
     analyses ``P^-1/2 H P^-1/2`` with Adam's ``P = diag(sqrt(v_hat) + eps)`` from the
     checkpoint's optimizer state (the preconditioned sharpness of Cohen et al. 2022).
+    ``curvature`` is the matrix analysed: the ``hessian``, the generalised Gauss-Newton
+    matrix ``ggn`` or the Fisher ``fisher`` (:mod:`hessdiag.curvature.gauss_newton`), of
+    kind ``fisher_kind`` (``mc``: targets sampled from the model, ``fisher_samples`` per
+    term, seeded from ``seed``; ``empirical``: the data's targets). With ``ggn`` and
+    ``fisher``, ``hvp_mode`` ``forward-over-reverse`` computes ``J v`` in forward mode and
+    ``double-backward`` in reverse mode; ``retained-graph`` is the Hessian's only.
     Every stochastic part is seeded from ``seed``.
     """
 
@@ -88,10 +96,21 @@ class SpectrumSettings:
     hvp_mode: str = "auto"
     memory_budget: float | None = None
     preconditioner: str = "none"
+    curvature: str = "hessian"
+    fisher_kind: str = "mc"
+    fisher_samples: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [
+            (self.curvature in CURVATURES, "curvature", f"one of {', '.join(CURVATURES)}",
+             self.curvature),
+            (self.fisher_kind in FISHER_KINDS, "fisher_kind",
+             f"one of {', '.join(FISHER_KINDS)}", self.fisher_kind),
+            (self.fisher_samples >= 1, "fisher_samples", "at least 1", self.fisher_samples),
+            (self.curvature == "hessian" or self.hvp_mode != "retained-graph", "hvp_mode",
+             f"auto, forward-over-reverse or double-backward with curvature {self.curvature} "
+             "(retained-graph keeps the Hessian's gradient graphs)", self.hvp_mode),
             (self.memory_budget is None or self.memory_budget > 0, "memory_budget",
              "positive (GiB)", self.memory_budget),
             (self.preconditioner in PRECONDITIONERS, "preconditioner",
@@ -184,6 +203,9 @@ class TrainConfig:
     run_name: str | None = None
     checkpoint_dir: str = "checkpoints"
     init_from: str | None = None
+    # across processes (torchrun): all-reduce SAM's first gradient too, so that every
+    # process perturbs by the whole minibatch's gradient (single-process SAM exactly)
+    sync_perturbation: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -214,3 +236,65 @@ class TrainConfig:
                              "SAM's Euclidean perturbation", param="adaptive")
 
 
+
+
+LANDSCAPE_DIRECTIONS = ("random", "eigen")
+LANDSCAPE_BIASES = ("zero", "weights")
+
+
+@dataclass(frozen=True)
+class LandscapeSettings:
+    """Options of ``hessdiag landscape`` (with its defaults).
+
+    ``dims`` 1 (a curve) or 2 (a surface) along ``directions``: ``random`` Gaussian
+    directions, filter-normalised (Li et al. 2018) when ``filter_norm``, else scaled to unit
+    length; or ``eigen``, the top ``dims`` Hessian eigenvectors (unit length, never filter
+    normalised, computed to ``tol``). ``bias``: the direction of one-dimensional parameters
+    (biases, normalisation scales) under filter normalisation, ``zero`` or their
+    ``weights``. The grid is ``resolution`` points over ``x_range`` (and over ``y_range``,
+    default ``x_range``; ``y_resolution``, default ``resolution``), coordinates in units of
+    the directions. ``seed`` seeds the random directions and the Lanczos start."""
+
+    dims: int = 1
+    directions: str = "random"
+    x_range: tuple[float, float] = (-1.0, 1.0)
+    y_range: tuple[float, float] | None = None
+    resolution: int = 25
+    y_resolution: int | None = None
+    filter_norm: bool = True
+    bias: str = "zero"
+    tol: float | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dims in (1, 2), "dims", "1 or 2", self.dims),
+            (self.directions in LANDSCAPE_DIRECTIONS, "directions",
+             f"one of {', '.join(LANDSCAPE_DIRECTIONS)}", self.directions),
+            (self.bias in LANDSCAPE_BIASES, "bias", f"one of {', '.join(LANDSCAPE_BIASES)}",
+             self.bias),
+            (self.resolution >= 2, "resolution", "at least 2", self.resolution),
+            (self.y_resolution is None or self.y_resolution >= 2, "y_resolution",
+             "at least 2", self.y_resolution),
+            (self.dtype in DTYPES, "dtype", "float32 or float64", self.dtype),
+            (self.tol is None or self.tol > 0, "tol", "positive", self.tol),
+        ]
+        for ok, name, what, value in checks:
+            if not ok:
+                raise InputError(f"{name} must be {what}; got {value!r}", param=name)
+        for name in ("x_range", "y_range"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if len(value) != 2 or not float(value[0]) < float(value[1]):
+                raise InputError(f"{name} must be two numbers MIN,MAX with MIN < MAX; got "
+                                 f"{','.join(str(v) for v in value)}", param=name)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The grid's shape: ``(nx,)`` or ``(ny, nx)`` (rows: the second coordinate)."""
+        if self.dims == 1:
+            return (self.resolution,)
+        return (self.y_resolution or self.resolution, self.resolution)

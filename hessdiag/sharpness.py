@@ -35,11 +35,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from hessdiag._errors import InputError
-from hessdiag.curvature.operator import preserved_state
-from hessdiag.data import to_device
+from hessdiag.objective import MeanLoss
 from hessdiag.settings import SHARPNESS_MEASURES
 
 __all__ = ["SharpnessResult", "critical_sharpness", "ascent_sharpness", "measure_sharpness"]
@@ -79,59 +77,6 @@ class SharpnessResult:
         return cls(**d)
 
 
-class _Objective:
-    """The mean loss over fixed batches as a function of the trainable parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: Any, batches: Any, device: Any,
-                 dtype: torch.dtype) -> None:
-        self.model, self.loss_fn = model, loss_fn
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.theta = [p.detach().to(device, dtype).clone()
-                      for n, p in model.named_parameters() if p.requires_grad]
-        self.fixed = {n: to_device(t.detach(), device, dtype)
-                      for n, t in list(model.named_parameters()) + list(model.named_buffers())
-                      if n not in self.names}
-        weight = getattr(loss_fn, "batch_weight", None) or (lambda x, y: int(len(y)))
-        self.batches = [(to_device(x, device, dtype), to_device(y, device, None), weight(x, y))
-                        for x, y in batches]
-        if not self.batches:
-            raise InputError("no data: there is no loss to measure", param="samples")
-        self.total = sum(w for _, _, w in self.batches)
-        self.forward = self.backward = 0
-
-    def _outputs(self, params: list[Tensor], x: Any) -> Any:
-        state = {**self.fixed, **dict(zip(self.names, params, strict=True))}
-        if isinstance(x, dict):
-            return functional_call(self.model, state, args=(), kwargs=x)
-        return functional_call(self.model, state, tuple(x) if isinstance(x, tuple | list)
-                               else (x,))
-
-    def loss(self, params: list[Tensor]) -> float:
-        """``L(params)`` in float64 (a forward pass over every batch)."""
-        self.forward += 1
-        total = 0.0
-        with torch.no_grad(), preserved_state(self.model):
-            for x, y, w in self.batches:
-                total += float(self.loss_fn(self._outputs(params, x), y)) * w
-        return total / self.total
-
-    def grad(self, params: list[Tensor]) -> tuple[float, list[Tensor]]:
-        """``(L, grad L)`` at ``params``."""
-        self.backward += 1
-        params = [p.detach().requires_grad_(True) for p in params]
-        grads = [torch.zeros_like(p) for p in params]
-        total = 0.0
-        with preserved_state(self.model), torch.enable_grad():
-            for x, y, w in self.batches:
-                value = self.loss_fn(self._outputs(params, x), y) * (w / self.total)
-                for g, part in zip(grads, torch.autograd.grad(value, params, allow_unused=True),
-                                   strict=True):
-                    if part is not None:
-                        g += part
-                total += float(value.detach())
-        return total, grads
-
-
 def _step(theta: list[Tensor], direction: list[Tensor], eta: float) -> list[Tensor]:
     return [t + eta * d for t, d in zip(theta, direction, strict=True)]
 
@@ -151,7 +96,7 @@ def critical_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rtol: fl
     and narrowed by the Illinois variant of regula falsi until the bracket is within
     ``rtol`` (relative) or ``max_forward`` forward passes are spent."""
     start = time.perf_counter()
-    obj = _Objective(model, loss_fn, batches, device or next(model.parameters()).device, dtype)
+    obj = MeanLoss(model, loss_fn, batches, device or next(model.parameters()).device, dtype)
     loss0, g = obj.grad(obj.theta)
     gg = _dot(g, g)
     if gg == 0 or not math.isfinite(gg):
@@ -230,7 +175,7 @@ def ascent_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rho: float
     if steps < 1:
         raise InputError(f"steps must be at least 1; got {steps}", param="steps")
     start = time.perf_counter()
-    obj = _Objective(model, loss_fn, batches, device or next(model.parameters()).device, dtype)
+    obj = MeanLoss(model, loss_fn, batches, device or next(model.parameters()).device, dtype)
     scale = [t.abs() + eta if adaptive else torch.ones_like(t) for t in obj.theta]
     z = [torch.zeros_like(t) for t in obj.theta]
     loss0 = None

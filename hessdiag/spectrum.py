@@ -15,7 +15,8 @@ from typing import Any
 from hessdiag._errors import InputError
 from hessdiag.curvature import HessianOperator
 from hessdiag.curvature.linear import Progress
-from hessdiag.measures import compute_spectrum, parameterised_modules
+from hessdiag.distributed import collective, is_main
+from hessdiag.measures import check_curvature, compute_spectrum, parameterised_modules
 from hessdiag.records import provenance, write_spectrum
 from hessdiag.results import SpectrumResult
 from hessdiag.runtime import resolve_device
@@ -36,8 +37,10 @@ class CheckpointSpectrum:
 
 
 def check_settings(task: Task, settings: SpectrumSettings) -> None:
-    """What can be checked before computing: the device and the parameter selection."""
+    """What can be checked before computing: the device, the curvature's loss and the
+    parameter selection."""
     resolve_device(settings.device)
+    check_curvature(task.loss, settings)
     if settings.preconditioner == "adam" and not task.optimizer_state:
         raise InputError("--preconditioner adam needs the optimizer state: this checkpoint "
                          "has none (hessdiag train saves it; save yours with "
@@ -58,15 +61,22 @@ def analyse_checkpoint(
     progress: Progress = None,
 ) -> CheckpointSpectrum:
     """Spectrum of the Hessian of the checkpoint's task (its loss, mean over the samples
-    of ``data``); written to ``store`` (a :class:`hessdiag.store.Store`) when given."""
+    of ``data``); written to ``store`` (a :class:`hessdiag.store.Store`) when given.
+
+    In a job of several processes (``torchrun``, :mod:`hessdiag.distributed`) each process
+    measures its shard of the samples and gets the whole result; only rank 0 writes the
+    store (``analysis_id`` is ``None`` elsewhere)."""
     settings = settings or SpectrumSettings()
     data = data or DataSettings()
     task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
     check_settings(task, settings)
-    result = compute_spectrum(task.model, task.loss, task.batches(data.batch_size), settings,
-                              optimizer_state=task.optimizer_state, progress=progress)
+    group = collective()
+    result = compute_spectrum(task.model, task.loss,
+                              task.batches(data.batch_size, sharded=group is not None),
+                              settings, optimizer_state=task.optimizer_state,
+                              progress=progress, collective=group)
     analysis_id = None
-    if store is not None:
+    if store is not None and is_main():  # across processes, rank 0 writes
         origin = provenance(task)
         origin["data"] = {**origin["data"], "batch_size": data.batch_size}
         analysis_id = write_spectrum(store, result, origin)

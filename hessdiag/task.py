@@ -50,8 +50,16 @@ class Task:
     optimizer_state: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def batches(self, batch_size: int) -> Any:
-        """The data's samples in order, in batches (see :func:`hessdiag.data.fixed_batches`)."""
+    def batches(self, batch_size: int, *, sharded: bool = False) -> Any:
+        """The data's samples in order, in batches (see :func:`hessdiag.data.fixed_batches`);
+        with ``sharded``, in a job of several processes, only this process's contiguous
+        share of them (:func:`hessdiag.distributed.shard`)."""
+        if sharded:
+            from hessdiag.distributed import collective
+
+            group = collective()
+            if group is not None:
+                return fixed_batches(self.data, batch_size, shard=group.shard)
         return fixed_batches(self.data, batch_size)
 
     def first_batch(self) -> tuple[Any, Any]:

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from hessdiag._errors import InputError
 from hessdiag.checkpoints import save_checkpoint
 from hessdiag.data import batch_of, fixed_batches, load_dataset, to_device
+from hessdiag.distributed import collective
 from hessdiag.losses import Loss, cross_entropy
 from hessdiag.measures import alignment_row, top_eigenpair
 from hessdiag.optim import SAM, EigenSAM
@@ -138,15 +139,39 @@ class _Sharpness:
     previous top eigenvector."""
 
     def __init__(self, model: nn.Module, loss: Loss, batches, device: torch.device,
-                 seed: int) -> None:
+                 seed: int, collective: Any = None) -> None:
         self.model, self.loss, self.batches = model, loss, batches
-        self.device, self.seed = device, seed
+        self.device, self.seed, self.collective = device, seed, collective
         self.vector: Tensor | None = None
 
     def measure(self) -> dict[str, float]:
         row, self.vector = top_eigenpair(self.model, self.loss, self.batches, v0=self.vector,
-                                         seed=self.seed, device=self.device)
+                                         seed=self.seed, device=self.device,
+                                         **({} if self.collective is None
+                                            else {"collective": self.collective}))
         return row
+
+
+def _sync_gradients(params: list[nn.Parameter], count: float, group: Any) -> None:
+    """Replace each process's gradients (of its part's mean loss over ``count`` terms) by
+    those of the whole minibatch's mean loss: ``sum_r count_r g_r / sum_r count_r``, one
+    all-reduce of one flat vector. Parameters without a gradient keep none."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+    if count:
+        flat.mul_(count)
+    else:  # no terms in this part (all padding): it adds nothing
+        flat.zero_()
+    flat, (total,) = group.sum_and_count(flat, count)
+    flat.div_(total)
+    for p, chunk in zip(params, torch.split(flat, [p.numel() for p in params]), strict=True):
+        if p.grad is not None:
+            p.grad.copy_(chunk.view_as(p))
+
+
+def _part(x: Any, y: Any, part: range) -> tuple[Any, Any]:
+    """Samples ``part`` of an image batch (tensors, first dimension)."""
+    return x[part.start:part.stop], y[part.start:part.stop]
 
 
 # --------------------------------------------------------------------------- the run
@@ -169,8 +194,17 @@ def _task(cfg: TrainConfig, resume: bool) -> Task:
 def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
           progress: Progress = None) -> TrainResult:
     """Run ``cfg``, or with ``resume=RUN_ID`` continue that run from its last checkpoint
-    with its stored config (``cfg`` is then ignored); see the module docstring."""
+    with its stored config (``cfg`` is then ignored); see the module docstring.
+
+    In a job of several processes (``torchrun``, :mod:`hessdiag.distributed`) every
+    process takes a contiguous part of each minibatch; gradients are all-reduced (weighted
+    by the loss's count, so they are the whole minibatch's), except SAM's first one unless
+    ``cfg.sync_perturbation``: each process then perturbs by its own part's gradient.
+    Sharpness is measured on the sharded measurement set, Eigen-SAM's power iteration on
+    the whole minibatch's Hessian. Only rank 0 writes checkpoints and the store."""
     start_time = time.perf_counter()
+    procs = collective()
+    main = procs is None or procs.rank == 0
     if resume is not None:
         record = store.run(resume)
         cfg = TrainConfig(**record.attrs["config"])
@@ -180,6 +214,8 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     else:
         store.check_writable()
         run_id = cfg.run_name or new_id("run")
+        if procs is not None:
+            run_id = procs.broadcast(run_id)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -202,6 +238,11 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     optimizer = build_optimizer(params, cfg)
 
     ready = train_info.batches
+    if procs is not None and ready is not None:
+        raise InputError(f"data {cfg.data} is a list of ready batches, which cannot be split "
+                         "across processes by sample: train it in one process", param="data")
+    if procs is not None:
+        procs.broadcast_tensors(list(model.state_dict().values()))  # one start everywhere
     n_train = len(ready) if ready is not None else len(train_info.dataset)
     steps_per_epoch = n_train if ready is not None else math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -211,7 +252,9 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     test_batches = fixed_batches(test_info, 512)
     measure_set = load_dataset(cfg.data, split="train", root=cfg.data_root,
                                samples=cfg.sharpness_samples)
-    sharpness = _Sharpness(model, loss_eval, fixed_batches(measure_set, 256), device, cfg.seed)
+    sharpness = _Sharpness(model, loss_eval, fixed_batches(
+        measure_set, 256, shard=None if procs is None else procs.shard), device, cfg.seed,
+        procs)
     run_dir = Path(cfg.checkpoint_dir) / run_id
     step = 0
     data_record = {"spec": cfg.data, "root": cfg.data_root, "split": "train"}
@@ -224,6 +267,8 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             raise InputError(f"run {resume} has no checkpoint to resume from; start it again",
                              param="resume")
         last = ckpts[-1].decode() if isinstance(ckpts[-1], bytes) else str(ckpts[-1])
+        if procs is not None:
+            last = procs.broadcast(last)
         loaded = load_task(last, check=False)
         model.load_state_dict(loaded.model.state_dict())
         optimizer.load_state_dict(loaded.optimizer_state)
@@ -238,16 +283,18 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         for table, keep in (("metrics", np.less_equal), ("sharpness", np.less),
                             ("checkpoints", np.less_equal)):
             steps_logged = record.arrays.get(f"{table}/step")
-            if steps_logged is not None:
+            if steps_logged is not None and main:
                 store.truncate_run(run_id, table, int(np.sum(keep(steps_logged, step))))
-        store.append_run(run_id, {}, attrs={"status": "running", "resumed_at": now()})
-    else:
+        if main:
+            store.append_run(run_id, {}, attrs={"status": "running", "resumed_at": now()})
+    elif main:
         store.create_run(run_id, {
             "config": asdict(cfg), "model": cfg.model, "model_kwargs": kwargs,
             "data": data_record, "loss": loss_eval.spec, "task": task_record,
             "optimizer": cfg.optimizer, "seed": cfg.seed, "versions": versions(),
             "started": now(), "status": "running", "checkpoint_dir": str(run_dir.resolve()),
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            **({} if procs is None else {"processes": procs.size}),
         })
 
     pending: dict[str, dict[str, list]] = {"metrics": {}, "sharpness": {}}
@@ -260,13 +307,15 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     def flush(extra_tables: dict | None = None, attrs: dict | None = None) -> None:
         tables = {k: v for k, v in pending.items() if v}
         tables.update(extra_tables or {})
-        if tables or attrs:
+        if (tables or attrs) and main:
             store.append_run(run_id, tables, attrs=attrs)
         for k in pending:
             pending[k] = {}
 
     def checkpoint(final: bool) -> str:
         path = run_dir / f"step-{step:06d}.pt"
+        if not main:
+            return str(path)  # rank 0 writes it
         sha = save_checkpoint(
             path, model, model_spec=cfg.model, model_kwargs=kwargs,
             optimizer_state=optimizer.state_dict(), step=step, epoch=step // steps_per_epoch,
@@ -296,25 +345,46 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             x, y = ready[int(order[position])]
         else:
             lo = position * cfg.batch_size
-            x, y = batch_of(train_info, order[lo:lo + cfg.batch_size])
+            indices = order[lo:lo + cfg.batch_size]
+            if procs is not None and not cfg.augment:  # this process's part of the minibatch
+                part = procs.shard(len(indices))
+                indices = indices[part.start:part.stop]
+            x, y = batch_of(train_info, indices)
         if cfg.augment:
             x = _augment(x, aug_gen, flip)
+            if procs is not None:  # augmented whole, so every process draws the same
+                x, y = _part(x, y, procs.shard(len(y)))
         x, y = to_device(x, device), to_device(y, device)
         factor = lr_factor(step)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor
         model.train()
         if isinstance(optimizer, EigenSAM):
-            optimizer.maybe_update_eigenvector(model, loss_fn, x, y)
+            optimizer.maybe_update_eigenvector(model, loss_fn, x, y,
+                                               **({} if procs is None
+                                                  else {"collective": procs}))
             model.train()
         optimizer.zero_grad(set_to_none=True)
         out = call_model(model, x)
         loss = loss_fn(out, y)
-        if not torch.isfinite(loss):
+        if procs is None:
+            finite = bool(torch.isfinite(loss))
+        else:  # the whole minibatch's loss and accuracy, the same on every process
+            count = float(loss_fn.count(y))
+            acc = loss_eval.accuracy_counts(out.detach(), y) or (0, 0)
+            loss_sum, total, correct, counted = procs.counts(
+                float(loss.detach()) * count if count else 0.0, count, *acc)
+            shared_loss = loss_sum / total if total else math.nan
+            shared_acc = correct / counted if counted else math.nan
+            finite = math.isfinite(shared_loss)
+        if not finite:
             status = "diverged"
-            message = f"the training loss is {float(loss.detach())} at step {step}: stopped"
+            value = float(loss.detach()) if procs is None else shared_loss
+            message = f"the training loss is {value} at step {step}: stopped"
             break
         loss.backward()
+        if procs is not None and (cfg.sync_perturbation or not isinstance(optimizer, SAM)):
+            _sync_gradients(params, count, procs)
         # sharpness at the weights of this step, paired with this step's perturbation
         measured = sharpness.measure() if measuring(step) else None
         if isinstance(optimizer, SAM):
@@ -323,6 +393,8 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             disable_running_stats(model)
             loss_fn(call_model(model, x), y).backward()
             enable_running_stats(model)
+            if procs is not None:  # the descent gradient is always the whole minibatch's
+                _sync_gradients(params, count, procs)
             optimizer.second_step(zero_grad=False)
         else:
             perturbation = _flat([p.grad for p in params]).detach() if measured else None
@@ -334,13 +406,16 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             log("sharpness", {"step": step, **last_sharp})
             if math.isfinite(last_sharp["alignment"]):
                 last_alignment = last_sharp["alignment"]
-        last_loss = float(loss.detach())
-        acc = loss_eval.accuracy_counts(out.detach(), y)
-        last_acc = acc[0] / acc[1] if acc is not None and acc[1] else math.nan
+        if procs is None:
+            last_loss = float(loss.detach())
+            acc = loss_eval.accuracy_counts(out.detach(), y)
+            last_acc = acc[0] / acc[1] if acc is not None and acc[1] else math.nan
+        else:
+            last_loss, last_acc = shared_loss, shared_acc
         step += 1
         row = {"step": step, "epoch": epoch, "loss": last_loss, "acc": last_acc,
                "lr": cfg.lr * factor, "test_loss": math.nan, "test_acc": math.nan}
-        if step % steps_per_epoch == 0 or step == total_steps:
+        if (step % steps_per_epoch == 0 or step == total_steps) and main:
             last_eval = evaluate(model, test_batches, loss_eval, device)
             row["test_loss"], row["test_acc"] = last_eval
         log("metrics", row)
@@ -351,7 +426,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
                           **stability_columns(final["lambda_max"], cfg.lr * factor,
                                               momentum, cfg.base)}
             log("sharpness", {"step": step, **last_sharp})
-        if progress is not None:
+        if progress is not None and main:
             progress({"step": step, "total": total_steps, "epoch": epoch, "loss": last_loss,
                       "acc": last_acc, "lambda_max": last_sharp.get("lambda_max")})
         if step == total_steps:

@@ -1,9 +1,11 @@
 """The curvature engine: Hessian-vector products and the solvers that use them.
 
-Solvers take any symmetric operator with ``matvec`` (a :class:`HessianOperator`, a dense
-matrix, a SciPy ``LinearOperator``) and return frozen results with their errors.
+Solvers take any symmetric operator with ``matvec`` (a :class:`HessianOperator`, a
+:class:`GGNOperator` or :class:`FisherOperator`, a dense matrix, a SciPy
+``LinearOperator``) and return frozen results with their errors.
 """
 
+from hessdiag.curvature.gauss_newton import FisherOperator, GGNOperator
 from hessdiag.curvature.hutchinson import hutchinson
 from hessdiag.curvature.hutchpp import hutchpp
 from hessdiag.curvature.lanczos import default_tol, lanczos
@@ -19,6 +21,8 @@ from hessdiag.curvature.slq import density, slq
 
 __all__ = [
     "EigenResult",
+    "FisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "MatrixOperator",
     "NondeterministicOperatorError",

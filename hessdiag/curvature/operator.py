@@ -153,6 +153,14 @@ class HessianOperator:
         available memory).
     batch_size_fn:
         ``(inputs, targets) -> int`` samples in a batch; default: ``len(targets)``.
+    collective:
+        Across processes (``torch.distributed``): a :class:`hessdiag.distributed.Collective`,
+        with ``data`` this process's shard of the samples. Each product sums this
+        process's weighted partial products and its count, reduces both over all
+        processes and divides, so every process gets the product of the whole data set;
+        the mode choice and the determinism check are taken identically everywhere, and a
+        product that fails on one process raises on all. Every process must compute the
+        same products in the same order. ``None`` (default): this process's data only.
 
     Examples
     --------
@@ -171,6 +179,8 @@ class HessianOperator:
     True
     """
 
+    product_name = "Hessian-vector product"
+
     def __init__(
         self,
         model: nn.Module,
@@ -186,6 +196,7 @@ class HessianOperator:
         determinism_rtol: float | None = None,
         memory_budget: int | None = None,
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
+        collective: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -194,6 +205,8 @@ class HessianOperator:
         self.train_mode = train_mode
         self.requested_mode = mode
         self.check_determinism = check_determinism
+        self.collective = collective
+        self._check_requested = check_determinism
         self._batch_size_fn = batch_size_fn or (lambda inputs, targets: int(targets.shape[0]))
 
         selected = _select_params(model, params)
@@ -288,7 +301,7 @@ class HessianOperator:
             out = self._matvec_with(self.mode, v)  # type: ignore[arg-type]
         if not bool(torch.isfinite(out).all()):
             raise ValueError(
-                "the Hessian-vector product has NaN or inf entries: the loss or the model "
+                f"the {self.product_name} has NaN or inf entries: the loss or the model "
                 "overflows at these parameters (try dtype=torch.float64)"
             )
         self.hvp_seconds += time.perf_counter() - start
@@ -327,7 +340,8 @@ class HessianOperator:
         if count == 0:
             raise ValueError("no batches: the data is empty, so there is no loss to differentiate")
 
-    def _loss(self, params: dict[str, Tensor], inputs: Any, targets: Tensor) -> Tensor:
+    def _outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
+        """The model's outputs with the selected parameters replaced by ``params``."""
         fixed = self.fixed
         if self.train_mode:
             # a train-mode forward updates BatchNorm's running statistics in place: give it
@@ -335,12 +349,13 @@ class HessianOperator:
             fixed = {n: t.clone() for n, t in fixed.items()}
         state = {**fixed, **params}
         if isinstance(inputs, Mapping):
-            outputs = functional_call(self.model, state, args=(), kwargs=dict(inputs))
-        elif isinstance(inputs, tuple | list):
-            outputs = functional_call(self.model, state, tuple(inputs))
-        else:
-            outputs = functional_call(self.model, state, (inputs,))
-        loss = self.loss_fn(outputs, targets)
+            return functional_call(self.model, state, args=(), kwargs=dict(inputs))
+        if isinstance(inputs, tuple | list):
+            return functional_call(self.model, state, tuple(inputs))
+        return functional_call(self.model, state, (inputs,))
+
+    def _loss(self, params: dict[str, Tensor], inputs: Any, targets: Tensor) -> Tensor:
+        loss = self.loss_fn(self._outputs(params, inputs), targets)
         if loss.dim() != 0:
             raise ValueError(
                 f"loss_fn must return a scalar; got shape {tuple(loss.shape)} "
@@ -417,24 +432,56 @@ class HessianOperator:
         with self._modes():
             if mode == "retained-graph":
                 return self._matvec_retained(v, first)
-            vd = self.unflatten(v)
-            total = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
-            n_total = 0
-            n_batches = 0
-            hvp = self._hvp_fwd_rev if mode == "forward-over-reverse" else self._hvp_double_backward
-            for i, (inputs, targets, n) in enumerate(self._iter_batches()):
-                hv, loss = hvp(vd, inputs, targets)
-                if first and not bool(torch.isfinite(loss)):
-                    raise ValueError(f"the loss is {loss.item()} on batch {i}: not finite")
-                weight = 1.0 if self._sum_reduction else float(n)
-                total.add_(self.flatten(hv), alpha=weight)
-                n_total += n
-                n_batches += 1
+            if self.collective is None:
+                total, n_total, n_batches = self._local_product(mode, v, first)
+            else:
+                total, n_total, n_batches = self._reduced(self._local_product, mode, v, first)
         self._record_samples(n_total, n_batches)
         self.hvp_count += 1
         return total / n_total
 
+    def _local_product(self, mode: str, v: Tensor, first: bool) -> tuple[Tensor, int, int]:
+        """This process's weighted sum of batch products, its count and its batches."""
+        vd = self.unflatten(v)
+        total = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+        n_total = 0
+        n_batches = 0
+        hvp = self._hvp_fwd_rev if mode == "forward-over-reverse" else self._hvp_double_backward
+        for i, (inputs, targets, n) in enumerate(self._iter_batches()):
+            hv, loss = hvp(vd, inputs, targets)
+            if first and not bool(torch.isfinite(loss)):
+                raise ValueError(f"the loss is {loss.item()} on batch {i}: not finite")
+            weight = 1.0 if self._sum_reduction else float(n)
+            total.add_(self.flatten(hv), alpha=weight)
+            n_total += n
+            n_batches += 1
+        return total, n_total, n_batches
+
+    def _reduced(self, local: Callable[..., tuple[Tensor, int, int]], *args: Any
+                 ) -> tuple[Tensor, int, int]:
+        """``local(*args)`` summed over all processes (see ``collective``); an error on any
+        process raises on every one."""
+        error = None
+        try:
+            total, n_total, n_batches = local(*args)
+        except Exception as exc:  # reported to the others, then raised here
+            error = exc
+            total = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+            n_total = n_batches = 0
+        total, (n_total, n_batches) = self.collective.sum_and_count(total, n_total, n_batches,
+                                                                     error=error)
+        return total, int(n_total), int(n_batches)
+
     def _matvec_retained(self, v: Tensor, first: bool) -> Tensor:
+        if self.collective is None:
+            total, n_total, n_batches = self._local_retained(v, first)
+        else:
+            total, n_total, n_batches = self._reduced(self._local_retained, v, first)
+        self._record_samples(n_total, n_batches)
+        self.hvp_count += 1
+        return total / n_total
+
+    def _local_retained(self, v: Tensor, first: bool) -> tuple[Tensor, int, int]:
         if self._retained is None:
             self._build_retained()
         vs = list(self.unflatten(v).values())
@@ -447,9 +494,7 @@ class HessianOperator:
             hv = self._retained_product(entry, vs)
             total.add_(self.flatten(hv), alpha=1.0 if self._sum_reduction else float(n))
             n_total += n
-        self._record_samples(n_total, len(self._retained))
-        self.hvp_count += 1
-        return total / n_total
+        return total, n_total, len(self._retained)
 
     @staticmethod
     def _retained_product(entry, vs: list[Tensor]) -> list[Tensor]:
@@ -471,6 +516,8 @@ class HessianOperator:
 
     def _first_matvec(self, v: Tensor) -> Tensor:
         """First product: choose the mode, check determinism and finiteness."""
+        if self.collective is not None:
+            self._agree_on_data()
         if self.mode is None:
             self.mode = self._choose_mode(v)
         try:
@@ -483,18 +530,26 @@ class HessianOperator:
                 ) from exc
             raise
         if self.check_determinism:
-            second = self._matvec_with(self.mode, v)
-            diff = float(torch.linalg.vector_norm(out - second))
-            scale = float(torch.linalg.vector_norm(out)) or 1.0
-            if diff > self.determinism_rtol * scale:
-                raise NondeterministicOperatorError(
-                    f"two Hessian-vector products of the same vector differ by {diff / scale:.2e}"
-                    f" (relative; tolerance {self.determinism_rtol:.0e}): the data pipeline "
-                    "shuffles or augments, or dropout is active; pass fixed batches without "
-                    "augmentation and keep the model in eval mode"
-                )
+            self._check_repeat(v, out)
         self._checked = True
         return out
+
+    def _check_repeat(self, v: Tensor, out: Tensor) -> None:
+        """The determinism check: a second product of ``v`` must equal ``out``."""
+        second = self._matvec_with(self.mode, v)  # type: ignore[arg-type]
+        diff = float(torch.linalg.vector_norm(out - second))
+        scale = float(torch.linalg.vector_norm(out)) or 1.0
+        differs = diff > self.determinism_rtol * scale
+        if self.collective is not None:
+            differs = self.collective.any(differs)
+            diff = max(diff, self.determinism_rtol * scale) if differs else diff
+        if differs:
+            raise NondeterministicOperatorError(
+                f"two {self.product_name}s of the same vector differ by {diff / scale:.2e}"
+                f" (relative; tolerance {self.determinism_rtol:.0e}): the data pipeline "
+                "shuffles or augments, or dropout is active; pass fixed batches without "
+                "augmentation and keep the model in eval mode"
+            )
 
     def _choose_mode(self, v: Tensor) -> str:
         """``retained-graph`` when the data is in memory, the model in eval mode and the
@@ -502,11 +557,19 @@ class HessianOperator:
         is then one backward pass, the cheapest); otherwise the faster of ``double-backward`` and
         ``forward-over-reverse``, timed on the first batch (a warm-up, then the median of
         three; forward-over-reverse is skipped when an op lacks a forward-mode formula).
-        The products computed while timing count towards ``hvp_count``."""
+        The products computed while timing count towards ``hvp_count``. Across processes
+        the graphs are kept only if they fit on every one, and rank 0's timings decide."""
+        if self.collective is not None:
+            return self._choose_mode_together(v)
         # in train mode a kept graph would freeze one dropout mask: recompute instead
         if self.in_memory and not self.train_mode \
                 and self._build_retained(budget=self.memory_budget):
             return "retained-graph"
+        return self._timed_choice(v)
+
+    def _timed_choice(self, v: Tensor) -> str:
+        """The faster of ``double-backward`` and ``forward-over-reverse`` on the first
+        batch (see :meth:`_choose_mode`)."""
         vd = self.unflatten(v)
         batch = next(iter(self._iter_batches()))
         candidates = ["double-backward", "forward-over-reverse"]
@@ -531,6 +594,36 @@ class HessianOperator:
             self.mode_timings[mode] = float(np.median(times[1:] if len(times) > 1 else times))
         return min(candidates, key=lambda m: self.mode_timings[m])
 
+    def _agree_on_data(self) -> None:
+        """Across processes: the data counts as in memory only if it is on every one (so
+        that the mode choice and the determinism check are the same everywhere)."""
+        local = self.in_memory
+        self.in_memory = not self.collective.any(not local, self.device)
+        if local and not self.in_memory:
+            self.check_determinism = self._check_requested
+
+    def _choose_mode_together(self, v: Tensor) -> str:
+        """:meth:`_choose_mode` taken identically on every process."""
+        c = self.collective
+        if self.in_memory and not self.train_mode:
+            error, fits = None, False
+            try:
+                fits = self._build_retained(budget=self.memory_budget)
+            except Exception as exc:  # reported to the others, then raised here
+                error = exc
+            (misfits,) = c.counts(float(not fits), error=error, device=self.device)
+            if misfits == 0:
+                return "retained-graph"
+            self._retained = None  # too large on some process: recompute everywhere
+        error, choice = None, None
+        try:  # timing products are of this process's first batch only: no reduction
+            choice = self._timed_choice(v)
+        except Exception as exc:  # reported to the others, then raised here
+            error = exc
+        c.counts(error=error, device=self.device)
+        choice, self.mode_timings = c.broadcast((choice, dict(self.mode_timings)))
+        return choice
+
     def describe(self) -> dict[str, Any]:
         """Settings and counters, JSON-serialisable (for results and the store)."""
         return {
@@ -546,6 +639,7 @@ class HessianOperator:
             "batches": self.n_batches,
             "train_mode": self.train_mode,
             "hvps": self.hvp_count,
+            **({} if self.collective is None else {"processes": self.collective.size}),
         }
 
 

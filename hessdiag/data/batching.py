@@ -13,12 +13,12 @@ of token ids or graphs (with its own ``collate_fn``) goes everywhere a batch goe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Subset, default_collate
 
 from hessdiag._errors import InputError, first_line
 from hessdiag._tensors import to_device
@@ -61,16 +61,27 @@ def _nbytes(obj: Any) -> int:
     return 8
 
 
-def fixed_batches(info: DataInfo, batch_size: int, memory_limit: int = MEMORY_LIMIT) -> Any:
+def fixed_batches(info: DataInfo, batch_size: int, memory_limit: int = MEMORY_LIMIT, *,
+                  shard: Callable[[int], range] | None = None) -> Any:
     """The samples in data set order in batches of ``batch_size``: a list when they fit in
     ``memory_limit`` bytes (decoding images once instead of once per product), else a
-    non-shuffling ``DataLoader``. Ready batches are returned as they are."""
+    non-shuffling ``DataLoader``. Ready batches are returned as they are.
+
+    ``shard``: ``n -> range``, this process's share of the ``n`` samples (for ready
+    batches: of the ``n`` batches) when the work is split across processes
+    (:func:`hessdiag.distributed.shard`); the samples are sharded before they are batched,
+    and whether they are kept in memory is decided on the whole data set, the same way on
+    every process."""
     if batch_size < 1:
         raise InputError(f"batch_size must be positive; got {batch_size}", param="batch_size")
     if info.batches is not None:
-        return info.batches
+        if shard is None:
+            return info.batches
+        return [info.batches[i] for i in shard(len(info.batches))]
     dataset = info.dataset
     size = _nbytes(dataset[0]) * len(dataset)
+    if shard is not None:
+        dataset = Subset(dataset, shard(len(dataset)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         collate_fn=lambda samples: collate(info, samples))
     return list(loader) if size <= memory_limit else loader

@@ -163,7 +163,7 @@ class EigenSAM(SAM):
     # ------------------------------------------------------------------ eigenvector
     def maybe_update_eigenvector(
         self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], inputs: Any,
-        targets: Tensor,
+        targets: Tensor, *, collective: Any = None,
     ) -> bool:
         """Refresh the eigenvector if this step is due (``global_step % eig_every == 0``
         and not refreshed at this step yet). Call it every step, before
@@ -175,12 +175,12 @@ class EigenSAM(SAM):
         """
         if self.global_step % self.eig_every != 0 or self._last_eig_step == self.global_step:
             return False
-        self.update_eigenvector(model, loss_fn, inputs, targets)
+        self.update_eigenvector(model, loss_fn, inputs, targets, collective=collective)
         return True
 
     def update_eigenvector(
         self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], inputs: Any,
-        targets: Tensor,
+        targets: Tensor, *, collective: Any = None,
     ) -> None:
         """Refresh the eigenvector now: ``eig_iters`` power-iteration steps on the Hessian
         of ``loss_fn(model(inputs), targets)`` with respect to this optimizer's parameters
@@ -190,6 +190,11 @@ class EigenSAM(SAM):
         ``model`` must hold the optimizer's parameters; pass the bare module, not a
         ``DistributedDataParallel`` wrapper (the products need no gradient all-reduce).
         The global RNG is not touched, so the training's random stream is unaffected.
+
+        ``collective``: across processes (a :class:`hessdiag.distributed.Collective`),
+        ``inputs`` and ``targets`` are this process's part of the minibatch; the products
+        are of the whole minibatch's Hessian (parts weighted by the loss's count), the same
+        on every process.
         """
         if self._perturbed:
             raise RuntimeError(
@@ -217,6 +222,9 @@ class EigenSAM(SAM):
             params=lambda name, p: id(p) in selected,
             mode=self.hvp_mode,
             check_determinism=False,
+            **({} if collective is None else {
+                "collective": collective,
+                "batch_size_fn": getattr(loss_fn, "batch_weight", None)}),
         )
 
         def to_operator(flat: Tensor) -> Tensor:
