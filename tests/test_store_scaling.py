@@ -396,3 +396,36 @@ def test_the_journal_reads_as_rewriting_the_file_would(tmp_path):
         for a, b in zip(reference, got, strict=True):
             same(a, b)
         store.compact()
+
+
+def test_a_sweep_of_three_training_runs_into_one_store_loses_and_duplicates_nothing(tmp_path):
+    """Three `hessdiag train` processes (a sweep over optimizers) write metrics, sharpness
+    and checkpoint rows into one store at the same time, on a store large enough that
+    their records go through the journal and its compactions."""
+    path = tmp_path / "sweep.h5"
+    _with_ballast(path, 400_000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--model", "mlp", "--model-kwargs", '{"hidden": 8}', "--data", "digits",
+              "--samples", "160", "--batch-size", "16", "--epochs", "1",
+              "--sharpness-every", "5", "--sharpness-samples", "32", "--checkpoint-every",
+              "5", "--device", "cpu", "--store", str(path), "--quiet",
+              "--checkpoint-dir", str(tmp_path / "ckpt")]
+    optimizers = ("sgd", "sam", "eigensam")
+    procs = [subprocess.Popen([sys.executable, "-m", "hessdiag", "train", *common,
+                               "--optimizer", opt, "--run-name", opt, "--seed", str(k)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for k, opt in enumerate(optimizers)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    store = Store(path)
+    for opt in optimizers:
+        run = store.run(opt)
+        x = run.arrays
+        assert run.attrs["status"] == "finished"
+        assert x["metrics/step"].tolist() == list(range(1, 11))  # every step, once
+        assert x["sharpness/step"].tolist() == [0, 5, 10]
+        assert x["checkpoints/step"].tolist() == [5, 10]
+        assert len(set(x["checkpoints/path"].tolist())) == 2
+    assert store.compact() in (True, False)
+    again = {opt: Store(path).run(opt).arrays["metrics/step"].tolist() for opt in optimizers}
+    assert all(steps == list(range(1, 11)) for steps in again.values())
