@@ -177,24 +177,35 @@ def _part(x: Any, y: Any, part: range) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- the run
 
 
-def _task(cfg: TrainConfig, resume: bool) -> Task:
+def _task(cfg: TrainConfig, resume: bool, unsafe: bool = False) -> Task:
     """The run's task: a new model for its data, or (fine-tuning) the weights of
-    ``init_from`` measured on the run's data."""
+    ``init_from`` measured on the run's data (a pickled checkpoint only with ``unsafe``)."""
     from hessdiag.task import DataSettings
 
     if cfg.init_from is not None and not resume:
-        return load_task(cfg.init_from, data=DataSettings(
-            spec=cfg.data, root=cfg.data_root, download=cfg.download, samples=cfg.samples),
-            model_spec=cfg.model, model_kwargs=cfg.model_kwargs, loss=cfg.loss)
+        try:
+            return load_task(cfg.init_from, data=DataSettings(
+                spec=cfg.data, root=cfg.data_root, download=cfg.download,
+                samples=cfg.samples), model_spec=cfg.model, model_kwargs=cfg.model_kwargs,
+                loss=cfg.loss, unsafe=unsafe)
+        except InputError as exc:
+            if "whole pickled model" not in str(exc):
+                raise
+            raise InputError(f"checkpoint {cfg.init_from} holds a whole pickled model, and "
+                             "training rebuilds its model by name: save its weights with "
+                             "torch.save(model.state_dict(), 'weights.pt') and fine-tune "
+                             "from those, with model naming the architecture",
+                             param="init_from") from exc
     data = load_dataset(cfg.data, split="train", root=cfg.data_root, download=cfg.download,
                         samples=cfg.samples)
     return new_task(cfg.model, data, loss=cfg.loss, model_kwargs=cfg.model_kwargs)
 
 
 def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
-          progress: Progress = None) -> TrainResult:
+          progress: Progress = None, unsafe: bool = False) -> TrainResult:
     """Run ``cfg``, or with ``resume=RUN_ID`` continue that run from its last checkpoint
-    with its stored config (``cfg`` is then ignored); see the module docstring.
+    with its stored config (``cfg`` is then ignored); see the module docstring. ``unsafe``
+    lets ``cfg.init_from`` be a checkpoint of pickled objects (unpickling runs code).
 
     In a job of several processes (``torchrun``, :mod:`hessdiag.distributed`) every
     process takes a contiguous part of each minibatch; gradients are all-reduced (weighted
@@ -219,7 +230,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    task = _task(cfg, resume is not None)
+    task = _task(cfg, resume is not None, unsafe)
     train_info, loss_eval = task.data, task.loss
     if cfg.label_smoothing and loss_eval.spec != "cross-entropy":
         raise InputError(f"label_smoothing applies to cross-entropy; this run's loss is "

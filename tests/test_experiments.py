@@ -38,3 +38,22 @@ def test_measures_quick_regenerates_the_same_page_from_its_store(tmp_path):
     # the page is a function of the store alone
     again = render(Store(tmp_path / "a" / "measures.h5"), QUICK, 0.0)
     assert minutes.sub("", again) == minutes.sub("", first)
+
+
+def test_sam_families_quick_regenerates_the_same_page_from_its_store(tmp_path):
+    from hessdiag.experiments.sam_families import QUICK, render
+    from hessdiag.store import Store
+
+    module = EXPERIMENTS["sam-families"]
+    page = module.run(tmp_path / "a", quick=True).read_text()
+    minutes = re.compile(r"\(\d+\.\d minutes")
+    rows = [line for line in page.splitlines() if " | SAM | 0.05 |" in line]
+    assert len(rows) == 2 * len(QUICK.families)  # the best-rho table and the sweep
+    for family in ("wrn-digits", "transformer-ecg", "gcn-molecules"):
+        for figure in ("sharpness", "density", "base-1d", "sam-2d", "eigensam-1d"):
+            png = tmp_path / "a" / "figures" / f"sam-families-{family}-{figure}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every number on the page comes from the store
+    again = render(Store(tmp_path / "a" / "families.h5"), QUICK, 0.0)
+    assert minutes.sub("", again) == minutes.sub("", page)
+    assert "in 3 of 3 families" in page or "of 3 families" in page

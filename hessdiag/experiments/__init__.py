@@ -4,8 +4,8 @@
 with ``run(out, quick=False, progress=None)`` returning the page it wrote.
 """
 
-from hessdiag.experiments import eigensam_digits, measures
+from hessdiag.experiments import eigensam_digits, measures, sam_families
 
-EXPERIMENTS = {eigensam_digits.NAME: eigensam_digits, measures.NAME: measures}
+EXPERIMENTS = {module.NAME: module for module in (eigensam_digits, measures, sam_families)}
 
 __all__ = ["EXPERIMENTS"]

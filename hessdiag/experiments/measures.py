@@ -105,6 +105,8 @@ def run(out: str | Path, *, quick: bool = False,
                 say(f"measure {run_id}")
                 analyse_checkpoint(result.final_checkpoint, settings=SpectrumSettings(
                     top_k=1, lambda_min=True, device="cpu"), data=data, store=store)
+                analyse_checkpoint(result.final_checkpoint, settings=SpectrumSettings(
+                    top_k=1, curvature="ggn", device="cpu"), data=data, store=store)
                 for measure in MEASURES:
                     sharpness_of_checkpoint(result.final_checkpoint, measure, rho=plan.rho,
                                             data=data, device="cpu", store=store)
@@ -133,7 +135,12 @@ def collect(store: Store) -> dict[tuple[str, str], dict[str, list[float]]]:
             continue
         cfg = run.attrs["config"]
         cell = table.setdefault((cfg["data"], cfg["optimizer"]), {})
-        if record.kind == "spectrum":
+        if record.kind == "spectrum" and read_spectrum(record).operator.get(
+                "curvature", "hessian") == "ggn":
+            result = read_spectrum(record)
+            cell.setdefault("ggn", []).append(result.lambda_max)
+            cell.setdefault("ggn_residual", []).append(float(result.top.residuals[0]))
+        elif record.kind == "spectrum":
             result = read_spectrum(record)
             threshold = sgd_threshold(cfg["lr"], cfg["momentum"])
             x = run.arrays
@@ -167,6 +174,7 @@ def render(store: Store, plan: Plan, minutes: float) -> str:
             rows.append(
                 f"| {task.data} | {opt} | {_ms(c.get('train_loss', []))} | "
                 f"{_ms(c.get('test_loss', []))} | {acc} | {_ms(c.get('lambda_max', []))} | "
+                f"{_ms(c.get('ggn', []))} | "
                 f"{max(c.get('residual', [math.nan])):.1e} | {_ms(c.get('lambda_min', []))} | "
                 f"{_ms(c.get('stability', []), 3)} | {_ms(c.get('critical', []))} | "
                 f"{_ms(c.get('critical_ratio', []), 3)} | {_ms(c.get('worst-case', []))} | "
@@ -187,16 +195,17 @@ def render(store: Store, plan: Plan, minutes: float) -> str:
         "schedule, batch 128) train an MLP on the bundled digits (cross-entropy) and on "
         "the generated tabular regression (mse); seeds "
         f"{seeds}, mean ± standard deviation over seeds. At each final checkpoint, on the "
-        "training samples: Lanczos `lambda_max` (worst residual over seeds shown), "
+        "training samples: Lanczos `lambda_max` (worst residual over seeds shown), the "
+        "top eigenvalue of the generalised Gauss-Newton matrix (`--curvature ggn`), "
         "`lambda_min`, the stability ratio `lambda_max / (2(1+momentum)/lr)` at the peak "
         "learning rate, critical sharpness `2/lr_c` (its bracket is narrower than the "
         "digits shown) and its ratio to `lambda_max`, worst-case and adaptive sharpness at "
         f"rho {plan.rho} (lower bounds from 5 ascent steps).",
         "",
-        "| data | optimizer | train loss (last batch) | test loss | test acc | lambda_max | residual | "
+        "| data | optimizer | train loss (last batch) | test loss | test acc | lambda_max | GGN lambda_max | residual | "
         "lambda_min | lambda_max/threshold | critical | critical/lambda_max | worst-case | "
         "adaptive |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])
