@@ -5,9 +5,10 @@ depend on the weights).
     python benchmarks/bench_landscape.py                 # 25 x 25, all training samples
     python benchmarks/bench_landscape.py --resolution 11 --samples 512
 
-Prints the forward pass (median of 5), the whole grid's time, the time per point and its
-ratio to a forward pass, with the partial grid kept on disk after every point (as the
-command does, for resuming) and without.
+Prints the time per grid point and its ratio to a forward pass (median over interleaved
+5x5 grids, so that a change of the machine's load affects both sides of a ratio), with the
+partial grid kept on disk after every point (as the command does, for resuming) and
+without, then the whole grid as the command computes it.
 """
 
 from __future__ import annotations
