@@ -50,6 +50,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hessdiag.curvature import HessianOperator, hutchinson, hutchpp, lanczos, slq  # noqa: E402
+from hessdiag.runtime import PeakMemory  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*create_graph=True.*")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
@@ -58,25 +59,30 @@ warnings.filterwarnings("ignore", category=UserWarning, module="torch.autograd")
 NUM_CLASSES = 10
 HVP_MODES = ("forward-over-reverse", "double-backward", "retained-graph", "auto")
 SECTIONS = ("costs", "reference", "top", "trace", "slq")
+PEERS = ("pyhessian", "eigenthings-lanczos", "eigenthings-power", "curvlinops")
 
 
 # --------------------------------------------------------------------------- models
 class CNN6(nn.Module):
     """Four 3x3 convolutions (3->32->32->64->64, ReLU, two 2x2 max-pools) and two linear
-    layers (4096->96->10): 459,850 parameters for 3x32x32 inputs."""
+    layers (4096->96->10): 459,850 parameters for 3x32x32 inputs. ``width=16, hidden=64``
+    (``--model small-cnn``): 148,442 parameters."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, hidden: int = 96) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES, hidden: int = 96, width: int = 32
+                 ) -> None:
         super().__init__()
+        w = width
         self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 8 * 8, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Flatten(), nn.Linear(2 * w * 8 * 8, hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +103,8 @@ def build_model(name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if name == "cnn6":
         return CNN6()
+    if name == "small-cnn":
+        return CNN6(hidden=64, width=16)
     if name == "resnet18":
         return cifar_resnet18()
     raise ValueError(name)
@@ -352,8 +360,8 @@ class Bench:
         for mode in HVP_MODES:
             label = f"auto -> {auto.mode}" if mode == "auto" else mode
             print(f"  HVP {label:<30s} {med[mode]:7.3f} s {med[mode] / g:6.2f} x  "
-                  f"{low[mode]:7.3f} s {low[mode] / g_low:6.2f} x   (first product incl. "
-                  f"setup {first[mode]:.2f} s)")
+                  f"{low[mode]:7.3f} s {low[mode] / g_low:6.2f} x   {1 / med[mode]:6.2f} "
+                  f"HVP/s (first product incl. setup {first[mode]:.2f} s)")
         print("  auto's own timings on its first batch: "
               + ", ".join(f"{k} {v:.3f} s" for k, v in auto.mode_timings.items()))
         pair = ("forward-over-reverse", "retained-graph")
@@ -363,6 +371,7 @@ class Bench:
             "min_seconds": low,
             "all_seconds": times,
             "hvp_over_gradient": {m: med[m] / g for m in HVP_MODES},
+            "products_per_second": {m: 1 / med[m] for m in HVP_MODES},
             "hvp_over_gradient_min": {m: low[m] / g_low for m in HVP_MODES},
             "first_product_seconds": first,
             "auto_picked": auto.mode,
@@ -378,6 +387,13 @@ class Bench:
     # ------------------------------------------------------------------ 2. reference
     def section_reference(self) -> None:
         args = self.args
+        if args.reference_from:
+            ref = json.loads(Path(args.reference_from).read_text())["reference"]
+            self.reference = [float(v) for v in ref["eigenvalues"]]
+            print(f"\n== 2. Reference top-5 from {args.reference_from}: {ref['method']} ==")
+            print(f"      values {fmt_vals(self.reference, 10)}")
+            self.report["reference"] = {**ref, "from": args.reference_from}
+            return
         tol = 1e-5 if args.quick else 1e-6
         print(f"\n== 2. Reference top-5: hessdiag lanczos on a float64 operator, tol={tol:g} ==")
         op = hessdiag_op(self.model, self.crit, self.batch, dtype=torch.float64)
@@ -413,7 +429,7 @@ class Bench:
             if args.reference == "scipy":
                 self.reference = vals
                 ref["method"] = "scipy eigsh float64 tol=1e-8"
-        if not args.quick:
+        if not args.quick and not args.no_bottom:
             op3 = hessdiag_op(self.model, self.crit, self.batch)
             t = now()
             b = lanczos(op3, k=1, which="smallest", tol=1e-3, seed=args.seed + 2000,
@@ -430,11 +446,13 @@ class Bench:
     # ------------------------------------------------------------------ 3. top-k
     def run_hessdiag_top(self, k: int) -> None:
         task = f"top{k}"
-        t = now()
-        op = hessdiag_op(self.model, self.crit, self.batch)
-        r = lanczos(op, k=k, which="largest", tol=1e-3, seed=self.args.seed,
-                    return_eigenvectors=False)
-        secs = now() - t
+        gc.collect()
+        with PeakMemory() as memory:
+            t = now()
+            op = hessdiag_op(self.model, self.crit, self.batch)
+            r = lanczos(op, k=k, which="largest", tol=1e-3, seed=self.args.seed,
+                        return_eigenvectors=False)
+            secs = now() - t
         self.hessdiag_time[task] = secs
         self.hessdiag_hvps[task] = op.hvp_count
         errs = rel_errors(r.eigenvalues, self.reference)
@@ -442,7 +460,12 @@ class Bench:
         self.print_eig_row(f"hessdiag lanczos k={k} tol=1e-3 ({op.mode})", secs,
                            f"{r.hvps}+{op.hvp_count - r.hvps}", r.eigenvalues, errs,
                            f"  max rel residual {rr:.1e}")
+        print(f"      peak memory {memory.peak / 2**20:.0f} MiB (process peak RSS), raised by "
+              f"{memory.growth / 2**20:.0f} MiB during the run; retained-graph estimate "
+              f"{(op.memory_estimate or 0) / 2**20:.0f} MiB")
         self.record(task, "hessdiag", "lanczos tol=1e-3", seconds=secs, hvps=op.hvp_count,
+                    peak_memory=memory.peak, peak_memory_growth=memory.growth,
+                    memory_estimate=op.memory_estimate,
                     solver_hvps=r.hvps, values=[float(v) for v in r.eigenvalues], rel_err=errs,
                     max_rel_err=max(errs), max_rel_residual=rr,
                     converged=[bool(c) for c in r.converged], mode=op.mode)
@@ -502,12 +525,16 @@ class Bench:
             op.matvec = counted
             return op
 
-        for method, solve in (
-            ("lanczos k=5 (defaults: LM, max_iter=10, tol=1e-4)",
+        for peer, method, solve in (
+            ("eigenthings-lanczos", "lanczos k=5 (defaults: LM, max_iter=10, tol=1e-4)",
              lambda op: he.lanczos(op, k=5)),
-            ("deflated_power_iteration k=5 (defaults: max_iter=100, tol=1e-4)",
+            ("eigenthings-power",
+             "deflated_power_iteration k=5 (defaults: max_iter=100, tol=1e-4)",
              lambda op: he.deflated_power_iteration(op, k=5)),
         ):
+            if peer not in self.args.peers:
+                continue
+
             def go(method=method, solve=solve):
                 box = {"hvps": 0}
                 self.model.eval()
@@ -559,13 +586,15 @@ class Bench:
         self.run_hessdiag_top(5)
         self.run_hessdiag_top_fixed_mode(5)
         if not self.args.skip_peers:
-            self.run_pyhessian_top(5, tol=1e-3, max_iter=20 if self.args.quick else 100)
+            if "pyhessian" in self.args.peers:
+                self.run_pyhessian_top(5, tol=1e-3, max_iter=20 if self.args.quick else 100)
             self.run_eigenthings_top5()
-            self.run_curvlinops_top5()
+            if "curvlinops" in self.args.peers:
+                self.run_curvlinops_top5()
         print(" -- top-1")
         self.run_hessdiag_top(1)
         self.run_hessdiag_top_fixed_mode(1)
-        if not self.args.skip_peers:
+        if not self.args.skip_peers and "pyhessian" in self.args.peers:
             max_iter = 20 if self.args.quick else 100
             self.run_pyhessian_top(1, tol=1e-3, max_iter=max_iter)
             self.run_pyhessian_top(1, tol=self.args.strict_tol, max_iter=max_iter)
@@ -758,10 +787,14 @@ class Bench:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=("cnn6", "resnet18"), default="cnn6")
+    p.add_argument("--model", choices=("cnn6", "small-cnn", "resnet18"), default="cnn6")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-peers", action="store_true", help="hessdiag only")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help=f"comma-separated subset of {','.join(PEERS)} (default all)")
+    p.add_argument("--no-bottom", action="store_true",
+                   help="skip the reference's float32 estimate of the bottom eigenvalue")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: fewer repeats, looser reference, capped peer iterations")
     p.add_argument("--trained", action="store_true",
@@ -772,6 +805,9 @@ def parse_args(argv=None):
     p.add_argument("--reference", choices=("hessdiag", "scipy", "both"), default="hessdiag",
                    help="reference top-5: hessdiag lanczos float64 tol 1e-6 (default), scipy "
                         "eigsh float64 tol 1e-8, or both (hessdiag's, checked by eigsh)")
+    p.add_argument("--reference-from", default=None,
+                   help="take the reference top-5 from the --out JSON of an earlier run on "
+                        "the same model, batch and seed instead of computing it")
     p.add_argument("--strict-tol", type=float, default=1e-4,
                    help="PyHessian tolerance for the stricter top-1 run (default 1e-4)")
     p.add_argument("--trace-hvps", type=int, default=None,
@@ -786,6 +822,9 @@ def parse_args(argv=None):
         args.train_steps = 60 if args.quick else 300
     if args.trace_hvps is None:
         args.trace_hvps = 30 if args.quick else 60
+    args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    if set(args.peers) - set(PEERS):
+        p.error(f"unknown peers {sorted(set(args.peers) - set(PEERS))}; choose from {PEERS}")
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:

@@ -309,6 +309,15 @@ def spectrum(
                                                "--hvp-mode auto may use (default: a quarter "
                                                "of the available memory, half of a GPU's "
                                                "free memory)."),
+    basis_device: str | None = typer.Option(SPECTRUM.basis_device, "--basis-device",
+                                            help="Where Lanczos keeps its basis and its "
+                                            "products (default: the --device); cpu keeps "
+                                            "them in host memory for a large model on a "
+                                            "GPU."),
+    compile: bool = typer.Option(SPECTRUM.compile, "--compile", help="Compute "
+                                 "forward-over-reverse products through torch.compile "
+                                 "(compiling takes tens of seconds first; needs --hvp-mode "
+                                 "auto or forward-over-reverse)."),
     preconditioner: str = typer.Option(SPECTRUM.preconditioner, "--preconditioner",
                                        help="none, or adam: the spectrum of P^-1/2 H P^-1/2 "
                                        "with Adam's second moments from the checkpoint's "
@@ -347,6 +356,7 @@ def spectrum(
                                 slq_steps=slq_steps, params=params, per_layer=per_layer,
                                 dtype=dtype, device=device, hvp_mode=hvp_mode,
                                 memory_budget=memory_budget, seed=seed,
+                                basis_device=basis_device, compile=compile,
                                 preconditioner=preconditioner, curvature=curvature,
                                 fisher_kind=fisher_kind, fisher_samples=fisher_samples)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
@@ -625,6 +635,8 @@ def train(
                                         help="Checkpoints go to DIR/<run>/."),
     init_from: Path | None = typer.Option(TRAIN.init_from, "--from", help="Fine-tune from this "
                                           "checkpoint."),
+    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="--from: allow a checkpoint "
+                                     "that holds pickled Python objects (runs code)."),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run from its "
                                       "last checkpoint."),
     sync_perturbation: bool = typer.Option(TRAIN.sync_perturbation, "--sync-perturbation",
@@ -681,9 +693,10 @@ def train(
                                                      else f" λ_max {lam:.4g}"))
                 bar.update(task, completed=event["step"], total=event["total"], info=info)
 
-            result = run_training(cfg, store=target, resume=resume, progress=report)
+            result = run_training(cfg, store=target, resume=resume, progress=report,
+                                  unsafe=unsafe_load)
     else:
-        result = run_training(cfg, store=target, resume=resume)
+        result = run_training(cfg, store=target, resume=resume, unsafe=unsafe_load)
     from dataclasses import asdict
 
     if as_json:

@@ -79,10 +79,31 @@ def spectrum_table(result, title: str) -> Table:
                                             else ")")
     table.caption = (f"{curvature}: {op.get('dim')} parameters, {op.get('samples')} samples, "
                      f"{op.get('dtype')} on {op.get('device')}, HVP mode {op.get('mode')}; "
-                     f"{result.hvps} HVPs in {result.seconds:.1f} s; seed {result.seed}; "
+                     f"{result.hvps} HVPs in {result.seconds:.1f} s"
+                     f"{peak_memory_text(result)}; seed {result.seed}; "
                      f"tol {top.tol:g} (relative residual)")
     table.caption_justify = "left"
     return table
+
+
+def peak_memory_text(result) -> str:
+    """``", peak memory 1.2 GiB (process RSS)"``; empty when not measured."""
+    peak = getattr(result, "peak_memory", None)
+    if peak is None:
+        return ""
+    what = {"cuda-max-allocated": "CUDA allocated", "process-peak-rss": "process peak RSS"}
+    kind = what.get(result.peak_memory_kind or "", result.peak_memory_kind or "")
+    return f", peak memory {fmt_bytes(peak)}" + (f" ({kind})" if kind else "")
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes in binary units: ``512 B``, ``3.4 MiB``, ``1.2 GiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 json_default = _default

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ from hessdiag.curvature.stats import mean_interval
 from hessdiag.data import to_device
 from hessdiag.optim import perturbation
 from hessdiag.results import AlignmentResult, LayerSharpness, SpectrumResult
-from hessdiag.runtime import resolve_device, resolve_dtype
+from hessdiag.runtime import PeakMemory, resolve_device, resolve_dtype
 from hessdiag.settings import RULES, SpectrumSettings
 from hessdiag.task import call_model
 
@@ -208,11 +208,23 @@ def curvature_operator(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSet
     mode = mode or s.hvp_mode
     if s.curvature == "hessian":
         return HessianOperator(model, loss_fn, data, mode=mode, memory_budget=memory_budget,
-                               collective=collective, **common)
+                               collective=collective, compile=s.compile, **common)
     if s.curvature == "ggn":
         return GGNOperator(model, loss_fn, data, mode=_OUTPUT_MODES[mode], **common)
     return FisherOperator(model, loss_fn, data, mode=_OUTPUT_MODES[mode], kind=s.fisher_kind,
                           seed=s.seed + 4, mc_samples=s.fisher_samples, **common)
+
+
+def resolve_basis_device(name: str | None) -> torch.device | None:
+    """``settings.basis_device`` as a device (``None``: the operator's), checked against
+    this machine (:class:`InputError` naming ``basis_device``)."""
+    if name is None:
+        return None
+    try:
+        return resolve_device(name)
+    except InputError as exc:
+        raise InputError(str(exc).replace("device ", "basis_device ", 1),
+                         param="basis_device") from exc
 
 
 def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
@@ -225,8 +237,20 @@ def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
     ``optimizer_state``: the state dict of the optimizer that trained the model, for
     ``settings.preconditioner="adam"``. ``collective``: across processes, a
     :class:`hessdiag.distributed.Collective` with ``data`` this process's shard (the result
-    is that of all shards together, on every process)."""
+    is that of all shards together, on every process). The result's ``peak_memory``
+    is measured by :class:`hessdiag.runtime.PeakMemory` on the operator's device (with
+    several processes: this process's)."""
     s = settings or SpectrumSettings()
+    with PeakMemory(resolve_device(s.device)) as memory:
+        result = _spectrum(model, loss_fn, data, s, optimizer_state, progress, collective)
+    return replace(result, peak_memory=memory.peak, peak_memory_growth=memory.growth,
+                   peak_memory_kind=memory.kind if memory.peak is not None else None)
+
+
+def _spectrum(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings,
+              optimizer_state: dict[str, Any] | None, progress: Progress,
+              collective: Any) -> SpectrumResult:
+    """:func:`compute_spectrum` without the memory measurement."""
     start = time.perf_counter()
     budget = None if s.memory_budget is None else int(s.memory_budget * (1 << 30))
     op = curvature_operator(model, loss_fn, data, s, params=s.params, memory_budget=budget,
@@ -239,11 +263,14 @@ def compute_spectrum(model: nn.Module, loss_fn: Any, data: Any,
             raise InputError(str(exc), param="preconditioner") from exc
         op = PreconditionedOperator(op, diagonal, {
             "kind": "adam", **adam, "threshold": adam_threshold(adam["lr"], adam["beta1"])})
+    basis = resolve_basis_device(s.basis_device)
     if s.method == "lanczos":
-        top = lanczos(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress)
+        top = lanczos(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress,
+                      basis_device=basis)
     else:
         top = power_iteration(op, k=s.top_k, tol=s.tol, seed=s.seed, progress=progress)
-    bottom = (lanczos(op, k=1, which="smallest", tol=s.tol, seed=s.seed + 1, progress=progress)
+    bottom = (lanczos(op, k=1, which="smallest", tol=s.tol, seed=s.seed + 1, progress=progress,
+                      basis_device=basis)
               if s.lambda_min else None)
     estimator = hutchpp if s.trace_method == "hutch++" else hutchinson
     trace = (estimator(op, s.trace_hvps, seed=s.seed + 2, progress=progress)
@@ -285,7 +312,8 @@ def _layer(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings, names
     """Top eigenvalue and trace of one module's diagonal block of the curvature."""
     op = curvature_operator(model, loss_fn, data, s, params=names, mode=mode,
                             check_determinism=False, collective=collective)
-    top = lanczos(op, k=1, which="largest", tol=s.tol, seed=s.seed, progress=progress)
+    top = lanczos(op, k=1, which="largest", tol=s.tol, seed=s.seed, progress=progress,
+                  basis_device=resolve_basis_device(s.basis_device))
     estimator = hutchpp if s.trace_method == "hutch++" else hutchinson
     trace = estimator(op, s.trace_hvps, seed=s.seed + 2, progress=progress)
     return LayerSharpness(name=name, params=tuple(names), dim=op.dim, top=top, trace=trace)

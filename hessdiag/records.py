@@ -119,6 +119,9 @@ def write_spectrum(store: Store, result: SpectrumResult, origin: dict[str, Any])
         "tol": top.tol,
         "hvps": result.hvps,
         "seconds": result.seconds,
+        "peak_memory": result.peak_memory,
+        "peak_memory_growth": result.peak_memory_growth,
+        "peak_memory_kind": result.peak_memory_kind,
         "trace_method": None if trace is None else trace.method,
         "solvers": {
             "top": _meta(top, _EIGEN_ARRAYS),
@@ -195,7 +198,15 @@ def read_spectrum(record: Record) -> SpectrumResult:
     return SpectrumResult(top=top, bottom=bottom, trace=trace, density=density,
                           operator=a.get("operator") or {}, hvps=int(a.get("hvps") or 0),
                           seconds=float(a.get("seconds") or 0.0), seed=a.get("seed"),
-                          settings=a.get("settings") or {}, layers=tuple(layers))
+                          settings=a.get("settings") or {}, layers=tuple(layers),
+                          peak_memory=_optional_int(a.get("peak_memory")),
+                          peak_memory_growth=_optional_int(a.get("peak_memory_growth")),
+                          peak_memory_kind=a.get("peak_memory_kind"))
+
+
+def _optional_int(value: Any) -> int | None:
+    """An integer attribute, ``None`` when absent (a record written before it existed)."""
+    return None if value is None else int(value)
 
 
 def _legacy_solvers(a: dict[str, Any], x: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -62,6 +62,11 @@ class SpectrumResult:
     seed: int | None
     settings: dict[str, Any] = field(default_factory=dict)
     layers: tuple[LayerSharpness, ...] = ()
+    # bytes, see :class:`hessdiag.runtime.PeakMemory` (``None``: not measured, or a record
+    # written before it was)
+    peak_memory: int | None = None
+    peak_memory_growth: int | None = None
+    peak_memory_kind: str | None = None
 
     @property
     def lambda_max(self) -> float:
@@ -101,6 +106,9 @@ class SpectrumResult:
             "layers": [layer.to_dict() for layer in self.layers] or None,
             "hvps": self.hvps,
             "seconds": self.seconds,
+            "peak_memory": self.peak_memory,
+            "peak_memory_growth": self.peak_memory_growth,
+            "peak_memory_kind": self.peak_memory_kind,
             "seed": self.seed,
             "dim": self.operator.get("dim"),
             "samples": self.operator.get("samples"),

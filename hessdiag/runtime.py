@@ -59,3 +59,51 @@ def versions() -> dict[str, str]:
 
     return {"hessdiag": __version__, "torch": torch.__version__,
             "python": platform.python_version()}
+
+
+class PeakMemory:
+    """The peak memory of a block of work, in bytes (a context manager; read ``peak``,
+    ``growth`` and ``kind`` after it).
+
+    On a CUDA device (``kind="cuda-max-allocated"``): ``torch.cuda.max_memory_allocated``
+    of that device, its counter reset when the block starts, so ``peak`` is the most the
+    caching allocator had allocated to tensors during the block (tensors allocated before
+    it included; the allocator's cached but free memory is not). Elsewhere
+    (``kind="process-peak-rss"``): the process's peak resident set size (the high-water
+    mark ``getrusage(RUSAGE_SELF).ru_maxrss``) when the block ends. That mark is never
+    reset, so ``peak`` includes everything the process held before the block (the Python
+    interpreter, torch, the model, the data) and is a peak of the whole process, at least as
+    high as the block's own. ``growth`` is how far the block raised the peak above where it
+    was when the block started (``0``: the block stayed below an earlier peak);
+    ``None`` where neither can be read."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.kind = ("cuda-max-allocated" if self.device.type == "cuda"
+                     else "process-peak-rss")
+        self.peak: int | None = None
+        self.growth: int | None = None
+        self._start: int | None = None
+
+    def _read(self) -> int | None:
+        if self.kind == "cuda-max-allocated":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            import resource
+        except ImportError:  # not on this platform (Windows)
+            return None
+        rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return rss if platform.system() == "Darwin" else rss * 1024  # KiB on Linux
+
+    def __enter__(self) -> PeakMemory:
+        if self.kind == "cuda-max-allocated":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = int(torch.cuda.memory_allocated(self.device))
+        else:
+            self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = self._read()
+        if self.peak is not None and self._start is not None:
+            self.growth = max(0, self.peak - self._start)

@@ -67,7 +67,10 @@ class SpectrumSettings:
     ``per_layer`` adds, for each parameterised module, the top eigenvalue and trace of its
     diagonal block (and computes the whole trace). ``memory_budget`` (GiB) bounds the
     gradient graphs ``hvp_mode="auto"`` may keep (default: see
-    :func:`hessdiag.curvature.operator.default_memory_budget`). ``preconditioner="adam"``
+    :func:`hessdiag.curvature.operator.default_memory_budget`). ``basis_device``: where
+    Lanczos keeps its basis and the products of it (default ``None``: the operator's
+    device; ``"cpu"`` for a large model on a GPU). ``compile``: products through
+    ``torch.compile`` (:class:`hessdiag.curvature.HessianOperator`). ``preconditioner="adam"``
     analyses ``P^-1/2 H P^-1/2`` with Adam's ``P = diag(sqrt(v_hat) + eps)`` from the
     checkpoint's optimizer state (the preconditioned sharpness of Cohen et al. 2022).
     ``curvature`` is the matrix analysed: the ``hessian``, the generalised Gauss-Newton
@@ -95,6 +98,8 @@ class SpectrumSettings:
     device: str = "auto"
     hvp_mode: str = "auto"
     memory_budget: float | None = None
+    basis_device: str | None = None
+    compile: bool = False
     preconditioner: str = "none"
     curvature: str = "hessian"
     fisher_kind: str = "mc"
@@ -111,6 +116,12 @@ class SpectrumSettings:
             (self.curvature == "hessian" or self.hvp_mode != "retained-graph", "hvp_mode",
              f"auto, forward-over-reverse or double-backward with curvature {self.curvature} "
              "(retained-graph keeps the Hessian's gradient graphs)", self.hvp_mode),
+            (not self.compile or self.curvature == "hessian", "compile",
+             f"off with curvature {self.curvature} (it compiles the Hessian's "
+             "forward-over-reverse product)", self.compile),
+            (not self.compile or self.hvp_mode in ("auto", "forward-over-reverse"), "compile",
+             f"off with hvp_mode {self.hvp_mode} (torch.compile cannot differentiate twice in "
+             "reverse; use hvp_mode forward-over-reverse or auto)", self.compile),
             (self.memory_budget is None or self.memory_budget > 0, "memory_budget",
              "positive (GiB)", self.memory_budget),
             (self.preconditioner in PRECONDITIONERS, "preconditioner",

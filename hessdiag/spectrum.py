@@ -16,7 +16,12 @@ from hessdiag._errors import InputError
 from hessdiag.curvature import HessianOperator
 from hessdiag.curvature.linear import Progress
 from hessdiag.distributed import collective, is_main
-from hessdiag.measures import check_curvature, compute_spectrum, parameterised_modules
+from hessdiag.measures import (
+    check_curvature,
+    compute_spectrum,
+    parameterised_modules,
+    resolve_basis_device,
+)
 from hessdiag.records import provenance, write_spectrum
 from hessdiag.results import SpectrumResult
 from hessdiag.runtime import resolve_device
@@ -40,6 +45,7 @@ def check_settings(task: Task, settings: SpectrumSettings) -> None:
     """What can be checked before computing: the device, the curvature's loss and the
     parameter selection."""
     resolve_device(settings.device)
+    resolve_basis_device(settings.basis_device)
     check_curvature(task.loss, settings)
     if settings.preconditioner == "adam" and not task.optimizer_state:
         raise InputError("--preconditioner adam needs the optimizer state: this checkpoint "

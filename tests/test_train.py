@@ -225,3 +225,28 @@ def test_fine_tuning_keeps_the_recorded_model_arguments(tmp_path):
                         checkpoint_dir=str(tmp_path / "ckpt"))
     result = train(tuned, store=Store(tmp_path / "s.h5"))
     assert load_checkpoint(result.final_checkpoint).model.net[1].out_features == 16
+
+
+def test_fine_tuning_from_a_pickled_module_needs_unsafe_load(tmp_path):
+    from hessdiag.data import load_dataset
+    from hessdiag.task import new_task
+
+    task = new_task("mlp", load_dataset("digits", samples=64), model_kwargs={"hidden": 8})
+    pickled = tmp_path / "module.pt"
+    torch.save(task.model, pickled)
+    args = ["train", "--model", "mlp", "--data", "digits", "--samples", "64", "--epochs", "1",
+            "--batch-size", "32", "--from", str(pickled), "--checkpoint-dir",
+            str(tmp_path / "ckpt"), "--store", str(tmp_path / "s.h5"), "--quiet"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--unsafe-load" in refused.stderr
+    assert not (tmp_path / "s.h5").exists()
+    # allowed to unpickle, the model still has to be rebuilt by name: one line saying how
+    unpickled = CliRunner().invoke(app, [*args, "--unsafe-load"])
+    assert unpickled.exit_code == 2 and "model.state_dict()" in unpickled.stderr
+    assert len(unpickled.stderr.strip().splitlines()) == 1
+    weights = tmp_path / "weights.pt"
+    torch.save(task.model.state_dict(), weights)
+    done = CliRunner().invoke(app, [*[str(weights) if a == str(pickled) else a for a in args],
+                                    "--model-kwargs", '{"hidden": 8}', "--json"])
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "finished"

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from hessdiag.curvature.linear import (
     Counter,
+    OperatorInfo,
     Progress,
     as_operator,
     gaussian,
@@ -98,6 +99,7 @@ def lanczos(
     return_eigenvectors: bool = True,
     verify: bool = True,
     progress: Progress = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest (or smallest, or both) eigenpairs of ``op``.
 
@@ -130,6 +132,13 @@ def lanczos(
         ``settings["complete"]`` says whether the check confirmed the set (``None`` when
         skipped with ``verify=False``); a set the budget left unconfirmed has
         ``converged=False`` for each pair a missed eigenvalue could still displace.
+    basis_device:
+        Where the basis ``V`` and its products ``W = H V`` (``2 * ncv`` vectors, in the
+        operator's dtype), the Ritz vectors and the returned eigenvectors live; default the
+        operator's device. ``"cpu"`` keeps them in host memory for a large model on a GPU:
+        each vector is moved to the operator's device for its product and the product
+        moved back (two copies of one vector per product); everything else is computed
+        where the basis is.
 
     Returns
     -------
@@ -169,6 +178,9 @@ def lanczos(
     eps = torch.finfo(info.dtype).eps
     floor = eps ** (2 / 3)
 
+    if basis_device is not None and torch.device(basis_device) != info.device:
+        op = _OnDevice(op, info.device, torch.device(basis_device))
+        info = OperatorInfo(n, info.dtype, torch.device(basis_device))
     counter = Counter(op, progress, max_hvps)
     gen = generator(seed)
     if v0 is not None:
@@ -299,8 +311,21 @@ def lanczos(
         seed=seed,
         eigenvectors=eigvecs,
         settings={"k": k, "ncv": ncv, "block_size": block_size, "max_hvps": max_hvps,
-                  "restarts": restarts, "v0": v0 is not None, "complete": complete},
+                  "restarts": restarts, "v0": v0 is not None, "complete": complete,
+                  "basis_device": str(info.device)},
     )
+
+
+class _OnDevice:
+    """An operator whose vectors live on another device than its products: each vector is
+    moved to ``device`` for the product and the product back to ``basis_device``."""
+
+    def __init__(self, op: Any, device: torch.device, basis_device: torch.device) -> None:
+        self.op, self.device, self.basis_device = op, device, basis_device
+        self.dim = operator_info(op).dim
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.op.matvec(v.to(self.device)).to(self.basis_device)
 
 
 def _levels(values: np.ndarray, scale: np.ndarray, which: str, tol: float

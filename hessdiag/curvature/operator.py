@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hessdiag._errors import first_line
+from hessdiag._errors import InputError, first_line
 from hessdiag._tensors import to_device
 
 MODES = ("auto", "forward-over-reverse", "double-backward", "retained-graph")
@@ -153,6 +153,12 @@ class HessianOperator:
         available memory).
     batch_size_fn:
         ``(inputs, targets) -> int`` samples in a batch; default: ``len(targets)``.
+    compile:
+        Compute forward-over-reverse products through ``torch.compile`` (the mode is then
+        ``forward-over-reverse``; ``"auto"`` is accepted and means it). The first product
+        compiles the product function (tens of seconds on a CPU), a batch of another shape
+        compiles again; the products are the same to rounding. torch.compile cannot
+        differentiate twice in reverse, so the other modes refuse it.
     collective:
         Across processes (``torch.distributed``): a :class:`hessdiag.distributed.Collective`,
         with ``data`` this process's shard of the samples. Each product sums this
@@ -197,9 +203,19 @@ class HessianOperator:
         memory_budget: int | None = None,
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
         collective: Any = None,
+        compile: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if compile and mode not in ("auto", "forward-over-reverse"):
+            raise InputError(
+                f"compile applies to forward-over-reverse products; mode {mode} differentiates "
+                "twice in reverse, which torch.compile does not support (use mode "
+                "forward-over-reverse or auto)", param="compile")
+        self.compile = bool(compile)
+        self._compiled: Callable[..., Any] | None = None
+        if self.compile:
+            mode = "forward-over-reverse"
         self.model = model
         self.loss_fn = loss_fn
         self.train_mode = train_mode
@@ -364,6 +380,30 @@ class HessianOperator:
         return loss
 
     def _hvp_fwd_rev(self, v: dict[str, Tensor], inputs, targets) -> tuple[dict, Tensor]:
+        product = self._fwd_rev_product
+        if self.compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._fwd_rev_product)
+            product = self._compiled
+        with warnings.catch_warnings():
+            # torch.func.jvp registers its decompositions through torch.jit.script on first
+            # use, which warns about its own deprecation: nothing a user can act on
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                                    category=FutureWarning)
+            if not self.compile:
+                return product(self.params, v, inputs, targets)
+            from torch._dynamo.exc import TorchDynamoException
+
+            try:
+                return product(self.params, v, inputs, targets)
+            except TorchDynamoException as exc:  # no C compiler, an op it cannot trace, ...
+                raise ValueError(f"torch.compile could not compile the product "
+                                 f"({first_line(exc)}); run without compile") from exc
+
+    def _fwd_rev_product(self, params: dict[str, Tensor], v: dict[str, Tensor], inputs,
+                         targets) -> tuple[dict, Tensor]:
+        """``H v`` and the loss of one batch by ``jvp`` of ``grad`` (what ``compile``
+        compiles: nothing in it may break the graph)."""
         def grad_and_loss(p):
             def f(q):
                 loss = self._loss(q, inputs, targets)
@@ -371,12 +411,7 @@ class HessianOperator:
 
             return torch.func.grad(f, has_aux=True)(p)
 
-        with warnings.catch_warnings():
-            # torch.func.jvp registers its decompositions through torch.jit.script on first
-            # use, which warns about its own deprecation: nothing a user can act on
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
-                                    category=FutureWarning)
-            _, hv, loss = torch.func.jvp(grad_and_loss, (self.params,), (v,), has_aux=True)
+        _, hv, loss = torch.func.jvp(grad_and_loss, (params,), (v,), has_aux=True)
         return hv, loss
 
     def _hvp_double_backward(self, v: dict[str, Tensor], inputs, targets) -> tuple[dict, Tensor]:
@@ -638,6 +673,7 @@ class HessianOperator:
             "samples": self.n_samples,
             "batches": self.n_batches,
             "train_mode": self.train_mode,
+            "compile": self.compile,
             "hvps": self.hvp_count,
             **({} if self.collective is None else {"processes": self.collective.size}),
         }
