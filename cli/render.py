@@ -91,7 +91,8 @@ def peak_memory_text(result) -> str:
     peak = getattr(result, "peak_memory", None)
     if peak is None:
         return ""
-    what = {"cuda-max-allocated": "CUDA allocated", "process-peak-rss": "process peak RSS"}
+    what = {"cuda-max-allocated": "CUDA allocated", "block-peak-rss": "peak RSS",
+            "process-peak-rss": "process peak RSS"}
     kind = what.get(result.peak_memory_kind or "", result.peak_memory_kind or "")
     return f", peak memory {fmt_bytes(peak)}" + (f" ({kind})" if kind else "")
 

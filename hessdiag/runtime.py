@@ -61,6 +61,31 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _proc_status(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` in bytes (Linux), or ``None``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size to the current one (Linux 4.0+:
+    writing 5 to ``/proc/self/clear_refs``); whether it could."""
+    if _proc_status("VmHWM") is None:
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
 class PeakMemory:
     """The peak memory of a block of work, in bytes (a context manager; read ``peak``,
     ``growth`` and ``kind`` after it).
@@ -69,13 +94,14 @@ class PeakMemory:
     of that device, its counter reset when the block starts, so ``peak`` is the most the
     caching allocator had allocated to tensors during the block (tensors allocated before
     it included; the allocator's cached but free memory is not). Elsewhere
-    (``kind="process-peak-rss"``): the process's peak resident set size (the high-water
-    mark ``getrusage(RUSAGE_SELF).ru_maxrss``) when the block ends. That mark is never
-    reset, so ``peak`` includes everything the process held before the block (the Python
-    interpreter, torch, the model, the data) and is a peak of the whole process, at least as
-    high as the block's own. ``growth`` is how far the block raised the peak above where it
-    was when the block started (``0``: the block stayed below an earlier peak);
-    ``None`` where neither can be read."""
+    on Linux (``kind="block-peak-rss"``): the process's peak resident set size during the
+    block (``VmHWM``, reset to the current RSS when the block starts), so it includes what
+    the process held at the start (the interpreter, torch, the model, the data) but not
+    earlier, higher peaks; ``growth`` is that peak above the RSS at the start. Where the
+    peak cannot be reset (``kind="process-peak-rss"``): the high-water mark
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` when the block ends, a peak of the whole process
+    since it started, and ``growth`` how far the block raised it (``0``: the block stayed
+    below an earlier peak). ``None`` where neither can be read."""
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -88,6 +114,8 @@ class PeakMemory:
     def _read(self) -> int | None:
         if self.kind == "cuda-max-allocated":
             return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "block-peak-rss":
+            return _proc_status("VmHWM")
         try:
             import resource
         except ImportError:  # not on this platform (Windows)
@@ -99,6 +127,11 @@ class PeakMemory:
         if self.kind == "cuda-max-allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = int(torch.cuda.memory_allocated(self.device))
+        elif _reset_peak_rss():
+            # Linux: the process's peak RSS (VmHWM) reset to its current RSS, so the peak
+            # read at the end is the block's own, memory held at its start included
+            self.kind = "block-peak-rss"
+            self._start = _proc_status("VmRSS")
         else:
             self._start = self._read()
         return self

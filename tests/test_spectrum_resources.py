@@ -43,12 +43,14 @@ def _tiny():
 
 # --------------------------------------------------------------------------- peak memory
 
+CPU_KINDS = ("block-peak-rss", "process-peak-rss")  # Linux with /proc, or elsewhere
+
 
 def test_peak_memory_is_reported_stored_and_read_back(task, tmp_path):
     result = compute_spectrum(task.model, task.loss, task.batches(32),
                               SpectrumSettings(top_k=2, dtype="float64"))
     d = result.to_dict()
-    assert d["peak_memory_kind"] == "process-peak-rss"  # on this CPU
+    assert d["peak_memory_kind"] in CPU_KINDS
     assert isinstance(d["peak_memory"], int) and d["peak_memory"] > 0
     assert isinstance(d["peak_memory_growth"], int) and 0 <= d["peak_memory_growth"] \
         <= d["peak_memory"]
@@ -67,12 +69,14 @@ def test_peak_memory_is_reported_stored_and_read_back(task, tmp_path):
     assert legacy.to_dict()["eigenvalues"] == result.to_dict()["eigenvalues"]
 
 
-def test_peak_memory_on_cpu_is_the_process_high_water_mark():
+def test_peak_memory_on_cpu_is_the_peak_resident_set_size():
     with PeakMemory("cpu") as memory:
         block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
         del block
-    assert memory.kind == "process-peak-rss" and memory.peak > 64 << 20
+    assert memory.kind in CPU_KINDS and memory.peak > 64 << 20
     assert memory.growth is not None and 0 <= memory.growth <= memory.peak
+    if memory.kind == "block-peak-rss":  # the peak was reset at the start: the block's own
+        assert memory.growth >= 60 << 20
 
 
 def test_a_large_retained_graph_has_a_larger_peak_than_a_tiny_run():
@@ -126,7 +130,7 @@ def test_the_table_caption_and_json_show_peak_memory(tmp_path):
                               "--store", str(tmp_path / "s.h5")])
     assert res.exit_code == 0, res.stderr
     data = json.loads(res.stdout)
-    assert data["peak_memory"] > 0 and data["peak_memory_kind"] == "process-peak-rss"
+    assert data["peak_memory"] > 0 and data["peak_memory_kind"] in CPU_KINDS
 
 
 # --------------------------------------------------------------------------- basis device
