@@ -91,6 +91,9 @@ def _label(record: Any) -> str:
     if record.group == "runs":
         cfg = a.get("config") or {}
         opt = cfg.get("optimizer") or a.get("optimizer") or "?"
+        base = cfg.get("base") or "sgd"
+        if base != "sgd":  # plain Adam is optimizer sgd around base adam
+            opt = base if opt == "sgd" else f"{opt}+{base}"
         return f"{record.id} ({opt})"
     where = Path(str(a.get("checkpoint_path") or "")).name or record.id
     return f"{where} [{record.id[-6:]}]"

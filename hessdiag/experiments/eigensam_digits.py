@@ -212,6 +212,7 @@ def draw(store: Store, plan: Plan, directory: Path) -> dict[str, Path]:
             ax.plot(loss, lam, marker="o", ms=3, lw=1, color=color, gid=f"{opt}-s{seed}",
                     label=opt if seed == plan.seeds[0] else None)
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.invert_xaxis()
     ax.set_xlabel(f"training loss (mean of the last {plan.every} minibatches)")
     ax.set_ylabel("logged lambda_max")
