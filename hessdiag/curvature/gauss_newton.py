@@ -55,7 +55,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from hessdiag._errors import first_line
 from hessdiag.curvature.operator import (
     HessianOperator,
     ParamSelector,
@@ -102,6 +101,7 @@ class _OutputCurvature(HessianOperator):
 
     curvature = ""
     product_name = "curvature-vector product"
+    forward_mode, reverse_mode = "jvp", "double-vjp"
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any, *,
                  params: ParamSelector = None, dtype: torch.dtype | None = None,
@@ -187,23 +187,6 @@ class _OutputCurvature(HessianOperator):
                              "reduction='mean')")
         if not bool(torch.isfinite(loss)):
             raise ValueError(f"the loss is {loss.item()} on batch {batch}: not finite")
-
-    def _first_matvec(self, v: Tensor) -> Tensor:
-        """First product: choose the mode, check the loss, determinism and finiteness."""
-        if self.mode is None:
-            self.mode = self._choose_mode(v)
-        try:
-            out = self._matvec_with(self.mode, v, first=True)
-        except (RuntimeError, NotImplementedError) as exc:
-            if self.mode == "jvp" and _lacks_forward_ad(exc):
-                raise ValueError(
-                    "jvp products need forward-mode AD, which an op of this model lacks "
-                    f"({first_line(exc)}); use mode='double-vjp'") from exc
-            raise
-        if self.check_determinism:
-            self._check_repeat(v, out)
-        self._checked = True
-        return out
 
     def _choose_mode(self, v: Tensor) -> str:
         """The faster of ``jvp`` and ``double-vjp`` on the first batch (a warm-up, then the

@@ -186,6 +186,7 @@ class HessianOperator:
     """
 
     product_name = "Hessian-vector product"
+    forward_mode, reverse_mode = "forward-over-reverse", "double-backward"  # for messages
 
     def __init__(
         self,
@@ -558,10 +559,10 @@ class HessianOperator:
         try:
             out = self._matvec_with(self.mode, v, first=True)
         except (RuntimeError, NotImplementedError) as exc:
-            if self.mode == "forward-over-reverse" and _lacks_forward_ad(exc):
+            if self.mode == self.forward_mode and _lacks_forward_ad(exc):
                 raise ValueError(
-                    "forward-over-reverse products need forward-mode AD, which an op of this "
-                    f"model lacks ({first_line(exc)}); use mode='double-backward'"
+                    f"{self.forward_mode} products need forward-mode AD, which an op of this "
+                    f"model lacks ({first_line(exc)}); use mode='{self.reverse_mode}'"
                 ) from exc
             raise
         if self.check_determinism:
