@@ -1123,6 +1123,21 @@ def plot(
 
 @app.command()
 @handles_errors
+def compact(
+    store: Path = typer.Argument(..., help="The store whose journal to merge."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Merge a store's journal into its HDF5 file, so that the file alone holds every
+    record (for h5py and other tools that do not read the journal)."""
+    source = _open_store(store)
+    merged = source.pending()
+    source.compact()
+    render.stdout.print(f"{store}: {merged} journal records merged; the file holds every "
+                        "record")
+
+
+@app.command()
+@handles_errors
 def report(
     store: Path = typer.Argument(..., help="The store to summarise."),
     output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file."),

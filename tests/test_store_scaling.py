@@ -297,7 +297,7 @@ def test_compaction_makes_the_main_file_complete_for_h5py(tmp_path):
     with h5py.File(path, "r") as f:
         assert "a1" not in f["analyses"]  # still in the journal
     before = (store.runs(), store.analyses())
-    result = subprocess.run([sys.executable, "-m", "hessdiag.store", "compact", str(path)],
+    result = subprocess.run([sys.executable, "-m", "hessdiag", "compact", str(path)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "6 journal records merged" in result.stdout  # the run, 4 rows, 1 analysis
@@ -429,3 +429,12 @@ def test_a_sweep_of_three_training_runs_into_one_store_loses_and_duplicates_noth
     assert store.compact() in (True, False)
     again = {opt: Store(path).run(opt).arrays["metrics/step"].tolist() for opt in optimizers}
     assert all(steps == list(range(1, 11)) for steps in again.values())
+
+
+
+def test_the_compact_command_refuses_a_missing_store(tmp_path):
+    from hessdiag.cli.app import app
+    from typer.testing import CliRunner
+
+    missing = CliRunner().invoke(app, ["compact", str(tmp_path / "none.h5")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr

@@ -26,7 +26,7 @@ sidecar ``<store>.lock`` so that concurrent writers (a training run and an analy
 for each other instead of losing records.
 
 The main file alone holds every record when there is no ``<store>.journal``; call
-:meth:`Store.compact` (or ``python -m hessdiag.store compact <store>``) before reading it
+:meth:`Store.compact` (or ``hessdiag compact <store>``) before reading it
 with h5py directly. ``Store(path, compact_ratio=0)`` rewrites the file on every write (the
 previous design: the main file is always complete, a write costs a copy of the store).
 """
