@@ -28,7 +28,11 @@ none when ``mu`` lies inside the ``k``-th value by more than a probabilistic bou
 except with probability ``MISS_PROBABILITY``) or when ``(mu, r)`` has converged to ``tol``
 inside it, the standard by which any Lanczos run accepts its extreme value. With ``k=1``
 no check runs: a missed copy of the one wanted value at an end is that same value.
-The check costs products (about a second convergence of the next value, for ``k >= 2``);
+The check's Ritz pairs are taken on its own vectors together with the basis's other
+Ritz vectors, which already approximate the values below the wanted ones, so its extreme
+pair converges sooner than from its vectors alone (the probabilistic bound is applied to
+its own vectors only, as the theorem requires). The check costs products (about a second
+convergence of the next value, for ``k >= 2``; ``settings["check_hvps"]``);
 ``verify=False`` skips it. ``block_size=b`` starts from ``b`` vectors instead.
 """
 
@@ -61,9 +65,12 @@ MISS_PROBABILITY = 1e-3  # the multiplicity check's bound on missing an eigenval
 
 def expand(matvec: Any, V: Tensor, W: Tensor, block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One Lanczos step, the kernel shared by :func:`lanczos` and
-    :func:`hessdiag.curvature.slq`: the products ``H block``, appended to the basis ``V``
-    and its products ``W = H V``. Returns ``(V, W, new products)``."""
-    new_W = torch.stack([matvec(block[:, j]) for j in range(block.shape[1])], dim=1)
+    :func:`hessdiag.curvature.slq`: the products ``H block`` (one ``matvec.matmat`` for a
+    :class:`~hessdiag.curvature.linear.Counter`, else one call per column), appended to the
+    basis ``V`` and its products ``W = H V``. Returns ``(V, W, new products)``."""
+    products = getattr(matvec, "matmat", None)
+    new_W = products(block) if callable(products) else torch.stack(
+        [matvec(block[:, j]) for j in range(block.shape[1])], dim=1)
     return torch.cat([V, block], dim=1), torch.cat([W, new_W], dim=1), new_W
 
 
@@ -203,6 +210,7 @@ def lanczos(
     converged = np.zeros(want, dtype=bool)
     # the multiplicity check's verdict: None when skipped, False until it confirms the set
     complete: bool | None = False if verify else None
+    check_hvps = 0  # products spent by the multiplicity check
 
     lowest, highest = math.inf, -math.inf  # the extreme Ritz values seen (restarts drop them)
 
@@ -246,9 +254,10 @@ def lanczos(
                 # copy of the one wanted value at each end leaves that value unchanged
                 complete = True
                 break
-            found = _unseen(counter, _converged_vectors(V, W, theta, S, tol, floor),
+            found = _unseen(counter, _split_ritz(V, W, theta, S, tol, floor),
                             _levels(theta[idx], scale, which, tol), (lowest, highest),
                             gen, info, max_hvps, tol, floor)
+            check_hvps += found.steps
             if found.verdict == "none":
                 complete = True
                 break
@@ -312,6 +321,7 @@ def lanczos(
         eigenvectors=eigvecs,
         settings={"k": k, "ncv": ncv, "block_size": block_size, "max_hvps": max_hvps,
                   "restarts": restarts, "v0": v0 is not None, "complete": complete,
+                  "check_hvps": check_hvps,
                   "basis_device": str(info.device)},
     )
 
@@ -344,17 +354,19 @@ def _levels(values: np.ndarray, scale: np.ndarray, which: str, tol: float
             (-1.0, float(values[half - 1]), tol * float(scale[half - 1]))]
 
 
-def _converged_vectors(V: Tensor, W: Tensor, theta: np.ndarray, S: np.ndarray, tol: float,
-                       floor: float) -> Tensor:
-    """The basis's Ritz vectors whose pairs meet the convergence test: eigenvectors to
-    working accuracy, so that deflating them leaves every other eigenvector in place."""
+def _split_ritz(V: Tensor, W: Tensor, theta: np.ndarray, S: np.ndarray, tol: float,
+                floor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The basis's Ritz vectors split by the convergence test: ``(Y, Z, HZ)``, the
+    converged ones ``Y`` (eigenvectors to working accuracy, so that deflating them leaves
+    every other eigenvector in place), the others ``Z`` and their products ``HZ``."""
     S_t = torch.as_tensor(S, dtype=V.dtype, device=V.device)
-    Y = V @ S_t
+    Y, HY = V @ S_t, W @ S_t
     th = torch.as_tensor(theta, dtype=V.dtype, device=V.device)
-    residuals = torch.linalg.vector_norm(W @ S_t - Y * th, dim=0).double().cpu().numpy()
+    residuals = torch.linalg.vector_norm(HY - Y * th, dim=0).double().cpu().numpy()
     anorm = float(np.max(np.abs(theta)))
-    ok = residuals <= tol * np.maximum(np.abs(theta), floor * anorm)
-    return Y[:, torch.as_tensor(ok, device=V.device)]
+    ok = torch.as_tensor(residuals <= tol * np.maximum(np.abs(theta), floor * anorm),
+                         device=V.device)
+    return Y[:, ok], Y[:, ~ok], HY[:, ~ok]
 
 
 @dataclass
@@ -363,63 +375,99 @@ class _Check:
     vector: Tensor | None = None      # found: the Ritz vector beyond the level
     product: Tensor | None = None     # and H times it
     reach: list[tuple[float, float]] = field(default_factory=list)  # unresolved: bounds
+    steps: int = 0                    # the check's products
 
 
-def _unseen(counter: Counter, Y: Tensor, levels: list[tuple[float, float, float]],
-            span: tuple[float, float], gen: torch.Generator, info: Any, max_hvps: int,
-            tol: float, floor: float) -> _Check:
+def _unseen(counter: Counter, split: tuple[Tensor, Tensor, Tensor],
+            levels: list[tuple[float, float, float]], span: tuple[float, float],
+            gen: torch.Generator, info: Any, max_hvps: int, tol: float, floor: float
+            ) -> _Check:
     """The multiplicity check: Lanczos on ``H`` deflated by the converged Ritz vectors
     ``Y``, ``(I - Y Y^T) H (I - Y Y^T)`` on the complement of ``Y``, from a uniformly
     random start, until each watched end ``(sign, level, margin)`` is decided.
 
-    ``"found"`` as soon as its extreme Ritz value ``mu`` lies beyond the level by more
-    than the margin (an eigenvalue the basis missed: a missed eigenvector is orthogonal
-    to ``Y``, so it is an eigenvector of the deflated operator). ``"none"`` once at every
-    end, after ``j`` steps, ``mu`` is inside by more than ``eps_j * a``, with ``a`` the
-    distance from the level (moved out by the margin) to the far end of the spectrum
-    ``span`` and ``eps_j = (ln(1.648 sqrt(n) / MISS_PROBABILITY) / (2j - 1))^2``: by
-    Kuczynski & Wozniakowski (1992), an eigenvalue beyond the level would have lifted
-    ``mu`` past that point except with probability ``MISS_PROBABILITY``; also when the
-    Krylov space closes (its Ritz values are then exact), or when the extreme Ritz pair
-    (for the deflated operator) has converged to ``tol`` inside the level, as any Lanczos
-    run accepts its extreme value. ``"unresolved"`` when the
-    budget runs out first, with ``(sign, mu + sign eps_j a)``: how far a missed eigenvalue
-    may still lie."""
+    ``split = (Y, Z, HZ)``: besides ``Y``, the basis's other Ritz vectors ``Z`` (also in
+    the complement of ``Y``) and their products. The check's Ritz pairs are taken on the
+    union of ``Z`` and its own Krylov vectors: ``Z`` already holds the main run's
+    approximations of the values below the wanted ones, so the extreme pair of the
+    deflated operator converges in fewer products than from the check's vectors alone,
+    at no extra product (the union's extreme value is at least the check's own, and at
+    most the deflated operator's extreme eigenvalue).
+
+    ``"found"`` as soon as that extreme Ritz value lies beyond the level by more than the
+    margin (an eigenvalue the basis missed: a missed eigenvector is orthogonal to ``Y``,
+    so it is an eigenvector of the deflated operator). ``"none"`` once at every end,
+    after ``j`` steps, the check's own extreme Ritz value ``mu`` (its Krylov space from
+    the random start alone) is inside by more than ``eps_j * a``, with ``a`` the distance
+    from the level (moved out by the margin) to the far end of the spectrum ``span`` and
+    ``eps_j = (ln(1.648 sqrt(n) / MISS_PROBABILITY) / (2j - 1))^2``: by Kuczynski &
+    Wozniakowski (1992), an eigenvalue beyond the level would have lifted ``mu`` past
+    that point except with probability ``MISS_PROBABILITY``; also when the Krylov space
+    closes (its Ritz values are then exact), or when the union's extreme Ritz pair (for
+    the deflated operator) has converged to ``tol`` inside the level and the check's own
+    extreme value has come within ``tol`` of it, as any Lanczos run accepts its extreme
+    value. ``"unresolved"`` when the budget runs out first, with
+    ``(sign, mu + sign eps_j a)``: how far a missed eigenvalue may still lie."""
+    Y, Z, HZ = split
     n = info.dim - Y.shape[1]
     q = orthonormalize(gaussian(info.dim, 1, gen, info), Y, 1e-10)
     V_c, W_c = Y[:, :0], Y[:, :0]
     reach: list[tuple[float, float]] = []
     log_term = math.log(1.648 * math.sqrt(max(n, 1)) / MISS_PROBABILITY)
     lo, hi = span
+    steps = 0
     while q.shape[1] and counter.hvps < max_hvps:
         V_c, W_c, new_W = expand(counter, V_c, W_c, q)
-        mu, S = np.linalg.eigh(projection(V_c, W_c))
+        steps += 1
+        mu, _ = np.linalg.eigh(projection(V_c, W_c))
         eps_j = (log_term / (2 * len(mu) - 1)) ** 2
-        lo, hi = min(lo, float(mu[0])), max(hi, float(mu[-1]))
+        U, HU, nu, B = _union_ritz(Z, HZ, V_c, W_c)
+        lo, hi = min(lo, float(mu[0]), float(nu[0])), max(hi, float(mu[-1]), float(nu[-1]))
         reach = []
         anorm = max(abs(lo), abs(hi))
         for sign, level, margin in levels:
             j = len(mu) - 1 if sign > 0 else 0
-            s = torch.as_tensor(S[:, j], dtype=Y.dtype, device=Y.device)
-            if sign * (mu[j] - level) > margin:
-                return _Check("found", V_c @ s, W_c @ s)
+            ju = len(nu) - 1 if sign > 0 else 0
+            coeffs = torch.as_tensor(B[:, ju], dtype=Y.dtype, device=Y.device)
+            x, hx = U @ coeffs, HU @ coeffs
+            if sign * (nu[ju] - level) > margin:
+                return _Check("found", x, hx, steps=steps)
             edge = level + sign * margin
             a = (edge - lo) if sign > 0 else (hi - edge)
             if sign * (edge - mu[j]) > eps_j * a:
                 continue  # decided by the bound
-            # or by convergence, as any Lanczos run decides: the check's extreme Ritz pair
-            # (for the deflated operator) converged and inside the level
-            hs = W_c @ s
-            hs = hs - Y @ (Y.T @ hs)
-            r = float(torch.linalg.vector_norm(hs - float(mu[j]) * (V_c @ s)))
-            if r > tol * max(abs(float(mu[j])), floor * anorm):
+            # or by convergence, as any Lanczos run decides: the union's extreme Ritz pair
+            # (for the deflated operator) converged inside the level, and the check's own
+            # extreme value has reached it (the union alone may hold a converged pair of
+            # the main run's while the random start has not yet lifted a missed copy)
+            hx = hx - Y @ (Y.T @ hx)
+            r = float(torch.linalg.vector_norm(hx - float(nu[ju]) * x))
+            bar = tol * max(abs(float(nu[ju])), floor * anorm)
+            if r > bar or sign * (nu[ju] - mu[j]) > bar:
                 reach.append((sign, float(mu[j]) + sign * eps_j * a))
         if not reach:
-            return _Check("none")
+            return _Check("none", steps=steps)
         q = next_directions(new_W, torch.cat([Y, V_c], dim=1))
     if not q.shape[1]:  # the Krylov space closed: its Ritz values are exact
-        return _Check("none")
-    return _Check("unresolved", reach=reach)
+        return _Check("none", steps=steps)
+    return _Check("unresolved", reach=reach, steps=steps)
+
+
+def _union_ritz(Z: Tensor, HZ: Tensor, V_c: Tensor, W_c: Tensor
+                ) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
+    """Rayleigh-Ritz of ``H`` on ``span(Z, V_c)`` (``Z`` orthonormal, ``V_c`` orthonormal,
+    not orthogonal to each other): ``(U, HU, values, B)`` with the Ritz vectors
+    ``U @ B[:, i]`` and their products ``HU @ B[:, i]``. The Gram matrix of ``U = [Z, V_c]``
+    is diagonalised and directions it holds to less than ``1e-10`` (relative) dropped, so
+    a check vector already in ``span(Z)`` adds nothing."""
+    U, HU = torch.cat([Z, V_c], dim=1), torch.cat([HZ, W_c], dim=1)
+    G = (U.T @ U).double().cpu().numpy()
+    A = (U.T @ HU).double().cpu().numpy()
+    g, E = np.linalg.eigh(0.5 * (G + G.T))
+    keep = g > 1e-10 * g[-1]
+    C = E[:, keep] / np.sqrt(g[keep])  # U C is orthonormal
+    values, S = np.linalg.eigh(C.T @ (0.5 * (A + A.T)) @ C)
+    return U, HU, values, C @ S
 
 
 def _append(V: Tensor, W: Tensor, x: Tensor, hx: Tensor
