@@ -32,6 +32,7 @@ from hessdiag import __version__
 from hessdiag._errors import InputError, first_line
 from hessdiag.settings import (
     BASES,
+    BATCH_VECTORS,
     CURVATURES,
     DTYPES,
     FISHER_KINDS,
@@ -318,6 +319,12 @@ def spectrum(
                                  "forward-over-reverse products through torch.compile "
                                  "(compiling takes tens of seconds first; needs --hvp-mode "
                                  "auto or forward-over-reverse)."),
+    batch_vectors: str = typer.Option(SPECTRUM.batch_vectors, "--batch-vectors",
+                                      help=_choices(BATCH_VECTORS) + ": several "
+                                      "Hessian-vector products in one pass per batch "
+                                      "(batched, checked once against the loop), one at a "
+                                      "time (loop), or auto: batched on CUDA, the loop "
+                                      "elsewhere."),
     preconditioner: str = typer.Option(SPECTRUM.preconditioner, "--preconditioner",
                                        help="none, or adam: the spectrum of P^-1/2 H P^-1/2 "
                                        "with Adam's second moments from the checkpoint's "
@@ -357,6 +364,7 @@ def spectrum(
                                 dtype=dtype, device=device, hvp_mode=hvp_mode,
                                 memory_budget=memory_budget, seed=seed,
                                 basis_device=basis_device, compile=compile,
+                                batch_vectors=batch_vectors,
                                 preconditioner=preconditioner, curvature=curvature,
                                 fisher_kind=fisher_kind, fisher_samples=fisher_samples)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),

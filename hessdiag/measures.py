@@ -208,7 +208,8 @@ def curvature_operator(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSet
     mode = mode or s.hvp_mode
     if s.curvature == "hessian":
         return HessianOperator(model, loss_fn, data, mode=mode, memory_budget=memory_budget,
-                               collective=collective, compile=s.compile, **common)
+                               collective=collective, compile=s.compile,
+                               batch_vectors=s.batch_vectors, **common)
     if s.curvature == "ggn":
         return GGNOperator(model, loss_fn, data, mode=_OUTPUT_MODES[mode], **common)
     return FisherOperator(model, loss_fn, data, mode=_OUTPUT_MODES[mode], kind=s.fisher_kind,

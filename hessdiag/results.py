@@ -113,6 +113,7 @@ class SpectrumResult:
             "dim": self.operator.get("dim"),
             "samples": self.operator.get("samples"),
             "hvp_mode": self.operator.get("mode"),
+            "vector_batch": self.operator.get("vector_batch"),
             "dtype": self.operator.get("dtype"),
             "device": self.operator.get("device"),
             "curvature": self.operator.get("curvature", "hessian"),

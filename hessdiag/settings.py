@@ -18,6 +18,7 @@ from hessdiag._errors import InputError
 METHODS = ("lanczos", "power")
 TRACE_METHODS = ("hutch++", "hutchinson")
 HVP_MODES = ("auto", "forward-over-reverse", "double-backward", "retained-graph")
+BATCH_VECTORS = ("auto", "loop", "batched")
 DTYPES = ("float32", "float64")
 SPLITS = ("train", "test")
 RULES = ("sam", "asam", "eigensam", "eigensam-exact")
@@ -70,7 +71,10 @@ class SpectrumSettings:
     :func:`hessdiag.curvature.operator.default_memory_budget`). ``basis_device``: where
     Lanczos keeps its basis and the products of it (default ``None``: the operator's
     device; ``"cpu"`` for a large model on a GPU). ``compile``: products through
-    ``torch.compile`` (:class:`hessdiag.curvature.HessianOperator`). ``preconditioner="adam"``
+    ``torch.compile`` (:class:`hessdiag.curvature.HessianOperator`). ``batch_vectors``: how
+    the operator multiplies several vectors at once (``auto``: in one pass per batch on
+    CUDA, checked against the loop, one at a time elsewhere; ``loop``; ``batched``: on any
+    device; :class:`hessdiag.curvature.HessianOperator`). ``preconditioner="adam"``
     analyses ``P^-1/2 H P^-1/2`` with Adam's ``P = diag(sqrt(v_hat) + eps)`` from the
     checkpoint's optimizer state (the preconditioned sharpness of Cohen et al. 2022).
     ``curvature`` is the matrix analysed: the ``hessian``, the generalised Gauss-Newton
@@ -100,6 +104,7 @@ class SpectrumSettings:
     memory_budget: float | None = None
     basis_device: str | None = None
     compile: bool = False
+    batch_vectors: str = "auto"
     preconditioner: str = "none"
     curvature: str = "hessian"
     fisher_kind: str = "mc"
@@ -134,6 +139,8 @@ class SpectrumSettings:
              f"one of {', '.join(TRACE_METHODS)}", self.trace_method),
             (self.hvp_mode in HVP_MODES, "hvp_mode", f"one of {', '.join(HVP_MODES)}",
              self.hvp_mode),
+            (self.batch_vectors in BATCH_VECTORS, "batch_vectors",
+             f"one of {', '.join(BATCH_VECTORS)}", self.batch_vectors),
             (self.dtype in DTYPES, "dtype", "float32 or float64", self.dtype),
             (self.top_k >= 1, "top_k", "at least 1", self.top_k),
             (self.trace_hvps >= 3, "trace_hvps", "at least 3", self.trace_hvps),

@@ -42,8 +42,9 @@ def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tenso
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # torch.autograd.functional.hessian (reverse-over-reverse, one row at a time), not
-    # torch.func.hessian: vmap through nn.MultiheadAttention gives an asymmetric, wrong
-    # Hessian in torch 2.14 (checked against this and against finite differences).
+    # torch.func.hessian: it gives the transformer an asymmetric, wrong Hessian in torch
+    # 2.14 (checked against this and against finite differences), wrong in the rows of
+    # the LayerNorm weights, from the first backward run under vmap (jacrev).
     with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no double-backward
         H = torch.autograd.functional.hessian(mean_loss, flat0)
     assert torch.allclose(H, H.T, atol=1e-12 * float(H.abs().max())), "truth not symmetric"

@@ -101,6 +101,7 @@ class _OutputCurvature(HessianOperator):
 
     curvature = ""
     product_name = "curvature-vector product"
+    _has_batched_path = False  # matmat loops (see HessianOperator's batch_vectors)
     forward_mode, reverse_mode = "jvp", "double-vjp"
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any, *,

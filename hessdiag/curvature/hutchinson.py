@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from hessdiag.curvature.linear import (
     Counter,
     Progress,
     as_operator,
+    blocks,
     gaussian,
     generator,
     operator_info,
@@ -35,7 +37,8 @@ def hutchinson(
     distribution: str = "rademacher",
     progress: Progress = None,
 ) -> TraceResult:
-    """Estimate ``tr(op)`` from ``n_probes`` products with random probes.
+    """Estimate ``tr(op)`` from ``n_probes`` products with random probes (multiplied
+``PROBE_BLOCK`` at a time through ``op.matmat`` when it has one).
 
     Examples
     --------
@@ -54,9 +57,11 @@ def hutchinson(
     counter = Counter(op, progress, n_probes)
     draw = rademacher if distribution == "rademacher" else gaussian
     samples = np.empty(n_probes)
-    for i in range(n_probes):
-        z = draw(info.dim, 1, gen, info)[:, 0]
-        samples[i] = float(z @ counter(z))
+    for block in blocks(n_probes):  # several probes per matmat, drawn one by one as ever
+        zs = [draw(info.dim, 1, gen, info)[:, 0] for _ in block]
+        HZ = counter.matmat(torch.stack(zs).T)  # contiguous columns: the same arithmetic
+        for j, i in enumerate(block):
+            samples[i] = float(zs[j] @ HZ[:, j].contiguous())
     return trace_result(samples, "hutchinson", counter, seed,
                         {"n_probes": n_probes, "distribution": distribution})
 

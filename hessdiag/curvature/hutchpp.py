@@ -22,6 +22,7 @@ from hessdiag.curvature.linear import (
     Counter,
     Progress,
     as_operator,
+    blocks,
     generator,
     operator_info,
     orthonormalize,
@@ -62,28 +63,39 @@ def hutchpp(
         # the budget covers the whole space: the trace exactly, from n products with the
         # unit vectors (a random sketch of a rank-deficient operator would miss part of it)
         eye = torch.eye(n, dtype=info.dtype, device=info.device)
-        exact = sum(float(counter(eye[:, j])[j]) for j in range(n))
+        exact = 0.0
+        for block in blocks(n):
+            products = counter.matmat(eye[:, block.start:block.stop])
+            for j, i in enumerate(block):
+                exact += float(products[i, j])
         return trace_result(np.zeros(0), "hutch++", counter, seed,
                             {"n_hvps": n_hvps, "sketch": n, "probes": 0,
                              "low_rank_trace": exact, "exact": True}, offset=exact)
 
     S = rademacher(n, min(sketch, n), gen, info)
-    HS = torch.stack([counter(S[:, j]) for j in range(S.shape[1])], dim=1)
+    HS = torch.cat([counter.matmat(S[:, b.start:b.stop]) for b in blocks(S.shape[1])], dim=1)
     Q = orthonormalize(HS, None, 1e-12)
     exact = 0.0
-    for j in range(Q.shape[1]):
-        exact += float(Q[:, j] @ counter(Q[:, j]))
+    for block in blocks(Q.shape[1]):
+        HQ = counter.matmat(Q[:, block.start:block.stop])
+        for j, i in enumerate(block):
+            exact += float(Q[:, i] @ HQ[:, j].contiguous())
 
     G = rademacher(n, probes, gen, info)
     samples = np.empty(probes)
-    for i in range(probes):
-        g = G[:, i]
-        if Q.shape[1]:
-            g = g - Q @ (Q.T @ g)
-        if Q.shape[1] >= n:  # the sketch spans the whole space: nothing is left
-            samples[i] = 0.0
-            continue
-        samples[i] = float(g @ counter(g))
+    if Q.shape[1] >= n:  # the sketch spans the whole space: nothing is left
+        samples[:] = 0.0
+    else:
+        for block in blocks(probes):
+            if Q.shape[1]:
+                gs = [G[:, i] - Q @ (Q.T @ G[:, i]) for i in block]
+                g = torch.stack(gs).T  # contiguous columns, as each probe was before
+            else:
+                g = G[:, block.start:block.stop]
+                gs = [g[:, j] for j in range(g.shape[1])]
+            Hg = counter.matmat(g)
+            for j, i in enumerate(block):
+                samples[i] = float(gs[j] @ Hg[:, j].contiguous())
     return trace_result(samples, "hutch++", counter, seed,
                         {"n_hvps": n_hvps, "sketch": int(Q.shape[1]), "probes": probes,
                          "low_rank_trace": exact}, offset=exact)

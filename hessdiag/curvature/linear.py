@@ -3,7 +3,10 @@
 A solver accepts anything with ``matvec(v) -> H v`` on flat torch vectors and a ``dim``
 (or ``shape``); ``dtype`` and ``device`` are read when present. A dense torch tensor,
 NumPy array or SciPy ``LinearOperator`` is wrapped with :func:`as_operator`, so every
-solver is testable on plain matrices with a known spectrum.
+solver is testable on plain matrices with a known spectrum. An operator may also have
+``matmat(V) -> H V`` for the columns of ``V`` (a :class:`HessianOperator` can compute them
+in one pass per batch); solvers that have several independent vectors use it through
+:meth:`Counter.matmat`, in blocks of at most :data:`PROBE_BLOCK` columns.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from torch import Tensor
 
 Progress = Callable[[int, int], None] | None
 """``progress(done, total)``: products computed so far and the budget; ``None`` for none."""
+
+PROBE_BLOCK = 8
+"""Independent probes multiplied together (one ``matmat``): ``k`` vectors of the operator's
+size, and for a batched product about ``k`` times one product's intermediate memory."""
 
 
 class LinearOperator(Protocol):
@@ -46,6 +53,10 @@ class MatrixOperator:
         self.hvp_count += 1
         return self.matrix @ v.to(self.matrix)
 
+    def matmat(self, vectors: Tensor) -> Tensor:
+        self.hvp_count += vectors.shape[1]
+        return self.matrix @ vectors.to(self.matrix)
+
 
 class _ScipyWrapped:
     def __init__(self, op: Any) -> None:
@@ -68,6 +79,21 @@ def as_operator(op: Any) -> Any:
     if hasattr(op, "matvec") and (hasattr(op, "dim") or hasattr(op, "shape")):
         return op
     raise TypeError(f"expected an operator with matvec(v) and dim, or a matrix; got {type(op)}")
+
+
+def matmat(op: Any, block: Tensor) -> Tensor:
+    """``op.matmat(block)`` when ``op`` has it, else one ``op.matvec`` per column."""
+    products = getattr(op, "matmat", None)
+    if callable(products):
+        return products(block)
+    if block.shape[1] == 0:
+        return block.clone()
+    return torch.stack([op.matvec(block[:, j]) for j in range(block.shape[1])], dim=1)
+
+
+def blocks(total: int, size: int = PROBE_BLOCK) -> list[range]:
+    """``range(total)`` in consecutive pieces of at most ``size``."""
+    return [range(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 @dataclass
@@ -99,6 +125,15 @@ class Counter:
     def __call__(self, v: Tensor) -> Tensor:
         out = self.op.matvec(v)
         self.hvps += 1
+        if self.progress is not None:
+            self.progress(self.hvps, self.budget)
+        return out
+
+    def matmat(self, block: Tensor) -> Tensor:
+        """``H block`` for the columns of ``block`` (:func:`matmat`): ``k`` products, one
+        progress report."""
+        out = matmat(self.op, block)
+        self.hvps += block.shape[1]
         if self.progress is not None:
             self.progress(self.hvps, self.budget)
         return out

@@ -25,6 +25,13 @@ pass per batch, the cheapest of the three. Otherwise it times ``double-backward`
 ``forward-over-reverse`` on the first batch and keeps the faster, falling back to
 reverse-over-reverse when an op of the model lacks a forward-mode formula. The choice,
 the timings and the memory estimate are in :meth:`HessianOperator.describe`.
+
+:meth:`HessianOperator.matmat` can compute several products in one pass per batch
+(``batch_vectors``): the ``k`` vectors go through one batched backward
+(``torch.autograd.grad(..., is_grads_batched=True)``) of the kept or rebuilt gradient
+graph, or through ``torch.func.vmap`` of the forward-over-reverse product. The first time,
+the batched block's first column is checked against the looped product of that column
+(one extra product); a difference or an error switches the operator to the loop for good.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from hessdiag._errors import InputError, first_line
 from hessdiag._tensors import to_device
 
 MODES = ("auto", "forward-over-reverse", "double-backward", "retained-graph")
+BATCH_VECTORS = ("auto", "loop", "batched")
 
 ParamSelector = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
@@ -167,6 +175,21 @@ class HessianOperator:
         the mode choice and the determinism check are taken identically everywhere, and a
         product that fails on one process raises on all. Every process must compute the
         same products in the same order. ``None`` (default): this process's data only.
+    batch_vectors:
+        How :meth:`matmat` computes several products: ``"loop"`` one :meth:`matvec` per
+        column; ``"batched"`` all of a block's columns in one pass per batch (retained-graph
+        and double-backward: one ``torch.autograd.grad(..., is_grads_batched=True)`` of the
+        gradient graph; forward-over-reverse: ``torch.func.vmap`` of the product), checked
+        the first time against a looped product of the block's first column (one extra
+        product, counted in ``hvp_count``): if the two differ by more than 1e-6 (float64;
+        1e-3 otherwise) in max-abs relative to the looped product, or the batched pass
+        raises, the operator loops from then on. ``"auto"`` (default): batched on CUDA,
+        the loop elsewhere (on a CPU the batched pass measured slower, see
+        ``docs/benchmarks.md``). The very first product is always a :meth:`matvec` (mode
+        choice, determinism check). Across processes (``collective``) and with ``compile``
+        products loop, as do the Gauss-Newton and Fisher operators. The outcome is
+        ``vector_batch`` (``"batched"``, ``"loop"``, or ``None`` before it is decided) and
+        ``vector_batch_reason`` in :meth:`describe`.
 
     Examples
     --------
@@ -205,9 +228,13 @@ class HessianOperator:
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
         collective: Any = None,
         compile: bool = False,
+        batch_vectors: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if batch_vectors not in BATCH_VECTORS:
+            raise ValueError(f"batch_vectors must be one of {', '.join(BATCH_VECTORS)}; "
+                             f"got {batch_vectors!r}")
         if compile and mode not in ("auto", "forward-over-reverse"):
             raise InputError(
                 f"compile applies to forward-over-reverse products; mode {mode} differentiates "
@@ -285,6 +312,9 @@ class HessianOperator:
         self.hvp_seconds = 0.0
         self._checked = False
         self._retained: list[tuple[list[Tensor], list[Tensor], int, Tensor]] | None = None
+        self.batch_vectors = batch_vectors
+        # None: batched, not yet checked against the loop
+        self.vector_batch, self.vector_batch_reason = self._batch_policy()
 
     # ------------------------------------------------------------------ vectors
     def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
@@ -316,19 +346,168 @@ class HessianOperator:
             out = self._first_matvec(v)
         else:
             out = self._matvec_with(self.mode, v)  # type: ignore[arg-type]
-        if not bool(torch.isfinite(out).all()):
-            raise ValueError(
-                f"the {self.product_name} has NaN or inf entries: the loss or the model "
-                "overflows at these parameters (try dtype=torch.float64)"
-            )
+        self._check_finite(out)
         self.hvp_seconds += time.perf_counter() - start
         return out
 
     __matmul__ = matvec
 
     def matmat(self, vectors: Tensor) -> Tensor:
-        """``H V`` for the columns of ``V`` (shape ``(dim, k)``)."""
+        """``H V`` for the columns of ``V`` (shape ``(dim, k)``): one :meth:`matvec` per
+        column, or all of them in one pass per batch (``batch_vectors``)."""
+        vectors = vectors.to(device=self.device, dtype=self.dtype)
+        if vectors.dim() != 2 or vectors.shape[0] != self.dim:
+            raise ValueError(f"vectors must have shape ({self.dim}, k); "
+                             f"got {tuple(vectors.shape)}")
+        if self.vector_batch == "loop" or vectors.shape[1] < 2:
+            return self._looped(vectors)
+        first = []
+        if not self._checked:  # the first product chooses the mode and checks determinism
+            first, vectors = [self.matvec(vectors[:, 0])[:, None]], vectors[:, 1:]
+        if vectors.shape[1] < 2:
+            rest = self._looped(vectors)
+        elif self.vector_batch is None:
+            rest = self._guarded(vectors)
+        else:
+            rest = self._timed_batched(vectors)
+        return torch.cat([*first, rest], dim=1)
+
+    def _looped(self, vectors: Tensor) -> Tensor:
+        if vectors.shape[1] == 0:
+            return vectors.clone()
         return torch.stack([self.matvec(vectors[:, j]) for j in range(vectors.shape[1])], dim=1)
+
+    # ------------------------------------------------------------------ batched products
+    _has_batched_path = True  # False: a subclass whose products always loop
+
+    def _batch_policy(self) -> tuple[str | None, str]:
+        """``(vector_batch, reason)`` as far as the settings decide it: ``"loop"``, or
+        ``None`` (batched once the guard has compared it with the loop)."""
+        if self.batch_vectors == "loop":
+            return "loop", "batch_vectors='loop'"
+        if not self._has_batched_path:
+            return "loop", f"{self.product_name}s have no batched path"
+        if self.collective is not None:
+            return "loop", "products across processes loop"
+        if self.compile:
+            return "loop", "compiled products loop"
+        if self.batch_vectors == "auto" and self.device.type != "cuda":
+            return "loop", (f"batch_vectors='auto' loops on {self.device.type} (the batched "
+                            "pass measured slower on a CPU)")
+        return None, "not used yet"
+
+    @property
+    def batches_vectors(self) -> bool:
+        """Whether :meth:`matmat` computes (or will try to compute) a block in one pass."""
+        return self.vector_batch != "loop"
+
+    def _guarded(self, vectors: Tensor) -> Tensor:
+        """The first batched block: its first column against a looped product of that
+        column; on a difference or an error, the loop from now on."""
+        tol = 1e-6 if self.dtype == torch.float64 else 1e-3
+        start = time.perf_counter()
+        try:
+            out = self._batched_matmat(vectors)
+        except Exception as exc:  # no batching rule, randomness under vmap, memory, ...
+            self.hvp_seconds += time.perf_counter() - start
+            self.vector_batch = "loop"
+            self.vector_batch_reason = (f"the batched product raised {type(exc).__name__}: "
+                                        f"{first_line(exc)}")
+            return self._looped(vectors)
+        self.hvp_seconds += time.perf_counter() - start
+        self.hvp_count += vectors.shape[1]
+        looped = self.matvec(vectors[:, 0])
+        scale = float(looped.abs().max())
+        diff = float((out[:, 0] - looped).abs().max())
+        rel = diff / scale if scale > 0 else diff
+        if not rel <= tol:  # NaN too
+            self.vector_batch = "loop"
+            self.vector_batch_reason = (f"batched product differs from looped by {rel:.1e} "
+                                        f"(max-abs relative; tolerance {tol:.0e})")
+            return torch.cat([looped[:, None], self._looped(vectors[:, 1:])], dim=1)
+        self.vector_batch = "batched"
+        self.vector_batch_reason = (f"batched product agrees with looped to {rel:.1e} "
+                                    f"(max-abs relative; tolerance {tol:.0e})")
+        self._check_finite(out)
+        return out
+
+    def _timed_batched(self, vectors: Tensor) -> Tensor:
+        start = time.perf_counter()
+        out = self._batched_matmat(vectors)
+        self.hvp_count += vectors.shape[1]
+        self._check_finite(out)
+        self.hvp_seconds += time.perf_counter() - start
+        return out
+
+    def _check_finite(self, out: Tensor) -> None:
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"the {self.product_name} has NaN or inf entries: the loss or the model "
+                "overflows at these parameters (try dtype=torch.float64)"
+            )
+
+    def _stacked(self, vectors: Tensor) -> list[Tensor]:
+        """The columns of ``vectors`` ``(dim, k)`` as per-parameter ``(k, *shape)`` tensors."""
+        k = vectors.shape[1]
+        parts = torch.split(vectors, self.numels, dim=0)
+        return [p.T.reshape(k, *s) for p, s in zip(parts, self.shapes, strict=True)]
+
+    def _flatten_stacked(self, parts: Sequence[Tensor | None], k: int) -> Tensor:
+        """Per-parameter ``(k, *shape)`` products (``None``: zero) as ``(dim, k)``."""
+        return torch.cat([
+            (torch.zeros(k, numel, device=self.device, dtype=self.dtype) if h is None
+             else h.reshape(k, numel)) for h, numel in zip(parts, self.numels, strict=True)
+        ], dim=1).T
+
+    def _batched_matmat(self, vectors: Tensor) -> Tensor:
+        """``H V`` for ``k`` columns in one pass per batch, weighted and divided as
+        :meth:`matvec`; no guard, no count, no finiteness check (see :meth:`matmat`)."""
+        k = vectors.shape[1]
+        stacked = self._stacked(vectors)
+        with self._modes(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                                    category=FutureWarning)
+            # an op without a batching rule runs one vector at a time: slower, still exact
+            warnings.filterwarnings("ignore", message=r".*performance drop.*")
+            total = torch.zeros(self.dim, k, device=self.device, dtype=self.dtype)
+            sizes = []
+            for n, hv in self._batched_by_batch(stacked):
+                total.add_(self._flatten_stacked(hv, k),
+                           alpha=1.0 if self._sum_reduction else float(n))
+                sizes.append(n)
+        self._record_samples(sum(sizes), len(sizes))
+        return total / sum(sizes)
+
+    def _batched_by_batch(self, stacked: list[Tensor]):
+        """``(samples, per-parameter (k, *shape) products)`` of each batch in turn."""
+        if self.mode == "retained-graph":
+            if self._retained is None:
+                self._build_retained()
+            for leaves, grads, n, _ in self._retained:
+                yield n, torch.autograd.grad(grads, leaves, grad_outputs=stacked,
+                                             retain_graph=True, allow_unused=True,
+                                             is_grads_batched=True)
+            return
+        hvp = (self._fwd_rev_batched if self.mode == "forward-over-reverse"
+               else self._double_backward_batched)
+        for inputs, targets, n in self._iter_batches():
+            yield n, hvp(stacked, inputs, targets)
+
+    def _double_backward_batched(self, stacked: list[Tensor], inputs, targets
+                                 ) -> Sequence[Tensor | None]:
+        leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
+        with torch.enable_grad():
+            loss = self._loss(dict(zip(self.param_names, leaves, strict=True)), inputs, targets)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            return torch.autograd.grad(grads, leaves, grad_outputs=stacked, allow_unused=True,
+                                       is_grads_batched=True)
+
+    def _fwd_rev_batched(self, stacked: list[Tensor], inputs, targets) -> list[Tensor]:
+        def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
+            return self._fwd_rev_product(self.params, v, inputs, targets)[0]
+
+        out = torch.func.vmap(product)(dict(zip(self.param_names, stacked, strict=True)))
+        return [out[n] for n in self.param_names]
 
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` in float64 (for ``eigsh`` and friends)."""
@@ -675,6 +854,9 @@ class HessianOperator:
             "batches": self.n_batches,
             "train_mode": self.train_mode,
             "compile": self.compile,
+            "batch_vectors": self.batch_vectors,
+            "vector_batch": self.vector_batch,
+            "vector_batch_reason": self.vector_batch_reason,
             "hvps": self.hvp_count,
             **({} if self.collective is None else {"processes": self.collective.size}),
         }

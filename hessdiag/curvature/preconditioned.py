@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hessdiag.curvature.linear import matmat
 from hessdiag.stability import adam_threshold
 
 __all__ = ["PreconditionedOperator", "adam_preconditioner", "adam_threshold"]
@@ -43,6 +44,10 @@ class PreconditionedOperator:
         return self.scale * self.op.matvec(self.scale * v)
 
     __matmul__ = matvec
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        scale = self.scale[:, None]
+        return scale * matmat(self.op, scale * vectors)
 
     def __getattr__(self, name: str) -> Any:  # hvp_count, mode, describe, ... of ``H``
         if name == "op":

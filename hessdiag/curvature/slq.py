@@ -21,13 +21,16 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from hessdiag.curvature.lanczos import expand, next_directions, projection
 from hessdiag.curvature.linear import (
+    PROBE_BLOCK,
     Counter,
     Progress,
     as_operator,
+    blocks,
     generator,
     operator_info,
     rademacher,
@@ -47,7 +50,13 @@ def slq(
     progress: Progress = None,
 ) -> SLQResult:
     """Run ``steps`` Lanczos steps (full reorthogonalisation) from each of ``n_probes``
-    Rademacher probes and return the quadrature nodes and weights of each."""
+    Rademacher probes and return the quadrature nodes and weights of each.
+
+    When ``op`` multiplies several vectors in one pass (``op.batches_vectors``: a
+    :class:`~hessdiag.curvature.HessianOperator` with ``batch_vectors`` batched, or
+    ``"auto"`` on CUDA), up to ``PROBE_BLOCK`` probes run in lockstep, one ``matmat`` of
+    their current vectors per step, holding all their bases at once (``2 * steps`` vectors
+    each); the nodes and weights are those of one probe at a time, to rounding."""
     if n_probes < 1:
         raise ValueError(f"n_probes must be at least 1; got {n_probes}")
     if steps < 1:
@@ -60,11 +69,18 @@ def slq(
     counter = Counter(op, progress, n_probes * m)
     nodes = np.full((n_probes, m), np.nan)
     weights = np.zeros((n_probes, m))
-    for p in range(n_probes):
-        v = rademacher(n, 1, gen, info) / math.sqrt(n)
-        theta, S = np.linalg.eigh(krylov_projection(counter, v, m))
-        nodes[p, : len(theta)] = theta
-        weights[p, : len(theta)] = S[0, :] ** 2
+    probes = [rademacher(n, 1, gen, info) / math.sqrt(n) for _ in range(n_probes)]
+    # an operator that multiplies several vectors in one pass gets the probes' recurrences in
+    # lockstep (all their bases held at once); otherwise one probe after the other
+    group = PROBE_BLOCK if getattr(op, "batches_vectors", False) else 1
+    for block in blocks(n_probes, group):
+        chosen = [probes[p] for p in block]
+        projections = (_lockstep(counter, chosen, m) if len(chosen) > 1
+                       else [krylov_projection(counter, chosen[0], m)])
+        for p, T in zip(block, projections, strict=True):
+            theta, S = np.linalg.eigh(T)
+            nodes[p, : len(theta)] = theta
+            weights[p, : len(theta)] = S[0, :] ** 2
     return SLQResult(
         nodes=nodes,
         weights=weights,
@@ -93,3 +109,29 @@ def krylov_projection(matvec: Any, v: Tensor, steps: int) -> np.ndarray:
         if block.shape[1] == 0:  # the Krylov space is invariant
             break
     return projection(V, W)
+
+
+def _lockstep(counter: Counter, starts: list[Tensor], steps: int) -> list[np.ndarray]:
+    """:func:`krylov_projection` of each unit column in ``starts``, the recurrences run
+    side by side: each step multiplies every unfinished probe's next vector in one
+    ``counter.matmat``. The same steps and stopping rules as one probe at a time."""
+    state: list[tuple[Tensor, Tensor, Tensor] | None] = [(v[:, :0], v[:, :0], v)
+                                                         for v in starts]
+    out: list[np.ndarray | None] = [None] * len(starts)
+    active = list(range(len(starts)))
+    while active:
+        current = [state[p][2] for p in active]  # type: ignore[index]
+        products = counter.matmat(torch.cat(current, dim=1))
+        parts = torch.split(products, [b.shape[1] for b in current], dim=1)
+        unfinished = []
+        for p, block, new_W in zip(active, current, parts, strict=True):
+            V, W, _ = state[p]  # type: ignore[misc]
+            V, W = torch.cat([V, block], dim=1), torch.cat([W, new_W], dim=1)
+            nxt = None if V.shape[1] >= steps else next_directions(new_W, V)
+            if nxt is None or nxt.shape[1] == 0:  # done, or the Krylov space is invariant
+                out[p], state[p] = projection(V, W), None
+            else:
+                state[p] = (V, W, nxt)
+                unfinished.append(p)
+        active = unfinished
+    return out  # type: ignore[return-value]
