@@ -43,6 +43,7 @@ from hessdiag.settings import (
     SCHEDULES,
     SHARPNESS_MEASURES,
     SPLITS,
+    STARTS,
     TRACE_METHODS,
     AlignSettings,
     DataSettings,
@@ -325,6 +326,11 @@ def spectrum(
                                       "(batched, checked once against the loop), one at a "
                                       "time (loop), or auto: batched on CUDA, the loop "
                                       "elsewhere."),
+    start: str = typer.Option(SPECTRUM.start, "--start", help=_choices(STARTS) + ": the top "
+                              "eigenvalues' starting vector: Gaussian (random), the loss "
+                              "gradient plus a Gaussian (gradient: fewer products; free "
+                              "when the gradient graphs are kept), or auto: gradient for "
+                              "--top-k 1, random otherwise."),
     preconditioner: str = typer.Option(SPECTRUM.preconditioner, "--preconditioner",
                                        help="none, or adam: the spectrum of P^-1/2 H P^-1/2 "
                                        "with Adam's second moments from the checkpoint's "
@@ -364,7 +370,7 @@ def spectrum(
                                 dtype=dtype, device=device, hvp_mode=hvp_mode,
                                 memory_budget=memory_budget, seed=seed,
                                 basis_device=basis_device, compile=compile,
-                                batch_vectors=batch_vectors,
+                                batch_vectors=batch_vectors, start=start,
                                 preconditioner=preconditioner, curvature=curvature,
                                 fisher_kind=fisher_kind, fisher_samples=fisher_samples)
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),

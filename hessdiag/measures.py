@@ -265,11 +265,12 @@ def _spectrum(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings,
         op = PreconditionedOperator(op, diagonal, {
             "kind": "adam", **adam, "threshold": adam_threshold(adam["lr"], adam["beta1"])})
     basis = resolve_basis_device(s.basis_device)
+    v0, started = top_start(op, s.start, s.top_k, s.seed)
     if s.method == "lanczos":
         top = lanczos(op, k=s.top_k, which="largest", tol=s.tol, seed=s.seed, progress=progress,
-                      basis_device=basis)
+                      basis_device=basis, v0=v0)
     else:
-        top = power_iteration(op, k=s.top_k, tol=s.tol, seed=s.seed, progress=progress)
+        top = power_iteration(op, k=s.top_k, tol=s.tol, seed=s.seed, progress=progress, v0=v0)
     bottom = (lanczos(op, k=1, which="smallest", tol=s.tol, seed=s.seed + 1, progress=progress,
                       basis_device=basis)
               if s.lambda_min else None)
@@ -290,8 +291,36 @@ def _spectrum(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings,
         top=top, bottom=bottom, trace=trace, density=density,
         operator={"curvature": s.curvature, **op.describe()},
         hvps=hvps, seconds=time.perf_counter() - start, seed=s.seed,
-        settings={**asdict(s), "tol": top.tol}, layers=layers,
+        settings={**asdict(s), "tol": top.tol, "started_from": started}, layers=layers,
     )
+
+
+def top_start(op: Any, start: str, top_k: int, seed: int) -> tuple[Tensor | None, str]:
+    """The starting vector of the top eigenvalues' solver and what it is.
+
+    ``start="gradient"`` (``"auto"`` with ``top_k=1``): the operator's loss gradient
+    (:meth:`hessdiag.curvature.HessianOperator.gradient`, free when the gradient graphs are
+    kept) normalised, plus a Gaussian vector of norm one drawn from ``seed`` in a stream of
+    its own (apart from the solver's). The gradient of a network's loss lies mostly in the
+    top eigenspace of its Hessian (Gur-Ari et al. 2018), so the top eigenvalue converges
+    in fewer products (measured in ``docs/benchmarks.md``); the Gaussian part gives every
+    eigenvector a nonzero component with probability one, as a random start does. For
+    ``top_k > 1`` ``"auto"`` starts at random: there the gradient start saved no products.
+    An operator without a gradient (a preconditioned one), or a gradient of zero or not
+    finite, starts at random; the second value says which start was taken.
+    Returns ``(v0 or None, "gradient" | "random" | "random (...)")``."""
+    if start == "random" or (start == "auto" and top_k > 1):
+        return None, "random"
+    gradient = getattr(op, "gradient", None)
+    if not callable(gradient):
+        return None, "random (this operator has no loss gradient)"
+    g = gradient()
+    norm = float(torch.linalg.vector_norm(g))
+    if not math.isfinite(norm) or norm == 0.0:
+        return None, "random (the loss gradient is zero or not finite)"
+    gen = torch.Generator().manual_seed(int(seed) + 104729)
+    z = torch.randn(g.shape[0], generator=gen, dtype=torch.float64).to(g.device, g.dtype)
+    return g / norm + z / torch.linalg.vector_norm(z), "gradient"
 
 
 def parameterised_modules(model: nn.Module, selected: list[str]) -> list[tuple[str, list[str]]]:
@@ -313,8 +342,9 @@ def _layer(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings, names
     """Top eigenvalue and trace of one module's diagonal block of the curvature."""
     op = curvature_operator(model, loss_fn, data, s, params=names, mode=mode,
                             check_determinism=False, collective=collective)
+    v0, _ = top_start(op, s.start, 1, s.seed)  # a block's top is a top-1
     top = lanczos(op, k=1, which="largest", tol=s.tol, seed=s.seed, progress=progress,
-                  basis_device=resolve_basis_device(s.basis_device))
+                  basis_device=resolve_basis_device(s.basis_device), v0=v0)
     estimator = hutchpp if s.trace_method == "hutch++" else hutchinson
     trace = estimator(op, s.trace_hvps, seed=s.seed + 2, progress=progress)
     return LayerSharpness(name=name, params=tuple(names), dim=op.dim, top=top, trace=trace)
@@ -367,6 +397,8 @@ def measure_alignment(
     op = HessianOperator(model, loss_fn, measure_batches, device=device,
                          batch_size_fn=getattr(loss_fn, "batch_weight", None),
                          collective=collective)
+    # a random start, never the gradient: the eigenvector's unconverged part would lie along
+    # the very direction (the SAM perturbation is the gradient's) whose alignment is measured
     top = lanczos(op, k=top_k, tol=tol, seed=seed, progress=progress)
     V = top.eigenvectors
     v = V[:, 0]

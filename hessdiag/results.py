@@ -110,6 +110,7 @@ class SpectrumResult:
             "peak_memory_growth": self.peak_memory_growth,
             "peak_memory_kind": self.peak_memory_kind,
             "seed": self.seed,
+            "started_from": self.settings.get("started_from"),
             "dim": self.operator.get("dim"),
             "samples": self.operator.get("samples"),
             "hvp_mode": self.operator.get("mode"),

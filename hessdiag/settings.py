@@ -19,6 +19,7 @@ METHODS = ("lanczos", "power")
 TRACE_METHODS = ("hutch++", "hutchinson")
 HVP_MODES = ("auto", "forward-over-reverse", "double-backward", "retained-graph")
 BATCH_VECTORS = ("auto", "loop", "batched")
+STARTS = ("auto", "random", "gradient")
 DTYPES = ("float32", "float64")
 SPLITS = ("train", "test")
 RULES = ("sam", "asam", "eigensam", "eigensam-exact")
@@ -74,7 +75,12 @@ class SpectrumSettings:
     ``torch.compile`` (:class:`hessdiag.curvature.HessianOperator`). ``batch_vectors``: how
     the operator multiplies several vectors at once (``auto``: in one pass per batch on
     CUDA, checked against the loop, one at a time elsewhere; ``loop``; ``batched``: on any
-    device; :class:`hessdiag.curvature.HessianOperator`). ``preconditioner="adam"``
+    device; :class:`hessdiag.curvature.HessianOperator`). ``start``: the top eigenvalues'
+    starting vector, ``random`` (Gaussian from ``seed``), ``gradient`` (the loss gradient
+    plus a Gaussian vector of the same norm: fewer products, the gradient lying mostly in
+    the top eigenspace; free when the gradient graphs are kept) or ``auto`` (``gradient``
+    for ``top_k=1``, ``random`` otherwise; see :func:`hessdiag.measures.top_start`).
+    ``preconditioner="adam"``
     analyses ``P^-1/2 H P^-1/2`` with Adam's ``P = diag(sqrt(v_hat) + eps)`` from the
     checkpoint's optimizer state (the preconditioned sharpness of Cohen et al. 2022).
     ``curvature`` is the matrix analysed: the ``hessian``, the generalised Gauss-Newton
@@ -105,6 +111,7 @@ class SpectrumSettings:
     basis_device: str | None = None
     compile: bool = False
     batch_vectors: str = "auto"
+    start: str = "auto"
     preconditioner: str = "none"
     curvature: str = "hessian"
     fisher_kind: str = "mc"
@@ -141,6 +148,7 @@ class SpectrumSettings:
              self.hvp_mode),
             (self.batch_vectors in BATCH_VECTORS, "batch_vectors",
              f"one of {', '.join(BATCH_VECTORS)}", self.batch_vectors),
+            (self.start in STARTS, "start", f"one of {', '.join(STARTS)}", self.start),
             (self.dtype in DTYPES, "dtype", "float32 or float64", self.dtype),
             (self.top_k >= 1, "top_k", "at least 1", self.top_k),
             (self.trace_hvps >= 3, "trace_hvps", "at least 3", self.trace_hvps),

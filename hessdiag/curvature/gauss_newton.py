@@ -103,6 +103,7 @@ class _OutputCurvature(HessianOperator):
     product_name = "curvature-vector product"
     _has_batched_path = False  # matmat loops (see HessianOperator's batch_vectors)
     forward_mode, reverse_mode = "jvp", "double-vjp"
+    retains_graphs = False
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any, *,
                  params: ParamSelector = None, dtype: torch.dtype | None = None,

@@ -209,6 +209,7 @@ class HessianOperator:
     """
 
     product_name = "Hessian-vector product"
+    retains_graphs = True  # the retained-graph mode exists (kept gradients: a free gradient)
     forward_mode, reverse_mode = "forward-over-reverse", "double-backward"  # for messages
 
     def __init__(
@@ -312,6 +313,7 @@ class HessianOperator:
         self.hvp_seconds = 0.0
         self._checked = False
         self._retained: list[tuple[list[Tensor], list[Tensor], int, Tensor]] | None = None
+        self._retain_refused = False  # the graphs were measured over the budget
         self.batch_vectors = batch_vectors
         # None: batched, not yet checked against the loop
         self.vector_batch, self.vector_batch_reason = self._batch_policy()
@@ -777,7 +779,7 @@ class HessianOperator:
         if self.collective is not None:
             return self._choose_mode_together(v)
         # in train mode a kept graph would freeze one dropout mask: recompute instead
-        if self.in_memory and not self.train_mode \
+        if self.in_memory and not self.train_mode and not self._retain_refused \
                 and self._build_retained(budget=self.memory_budget):
             return "retained-graph"
         return self._timed_choice(v)
@@ -838,6 +840,58 @@ class HessianOperator:
         c.counts(error=error, device=self.device)
         choice, self.mode_timings = c.broadcast((choice, dict(self.mode_timings)))
         return choice
+
+    def gradient(self) -> Tensor:
+        """The gradient of the mean loss over the data, as a flat vector in the operator's
+        dtype (the same weighting as the products; over all processes with
+        ``collective``). Lanczos started from it converges to the top eigenvalue in fewer
+        products: the gradient of a network's loss lies mostly in the top eigenspace of its
+        Hessian (Gur-Ari et al. 2018).
+
+        Free when the gradient graphs are kept: in ``auto`` mode with data in memory, the
+        graphs are built here if they fit ``memory_budget`` (the choice ``auto`` would make
+        at the first product, made now) and their gradients combined. Otherwise one forward
+        and one backward pass per batch, not counted as a product."""
+        if self._retained is None and self.retains_graphs and self.collective is None \
+                and self.in_memory and not self.train_mode:
+            if self.mode is None:
+                if self._build_retained(budget=self.memory_budget):
+                    self.mode = "retained-graph"
+                else:  # over budget: the first product need not measure the graph again
+                    self._retain_refused = True
+            elif self.mode == "retained-graph":
+                self._build_retained()
+        if self.collective is None:
+            total, n_total, _ = self._local_gradient()
+        else:
+            total, n_total, _ = self._reduced(self._local_gradient)
+        if n_total <= 0:
+            raise ValueError("the data holds no samples (batches of size 0)")
+        return total / n_total
+
+    def _local_gradient(self) -> tuple[Tensor, int, int]:
+        total = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+        n_total = n_batches = 0
+        weight = (lambda n: 1.0) if self._sum_reduction else float
+        if self._retained is not None:
+            for _leaves, grads, n, _ in self._retained:
+                total.add_(self.flatten([g.detach() for g in grads]), alpha=weight(n))
+                n_total += n
+                n_batches += 1
+            return total, n_total, n_batches
+        with self._modes():
+            for inputs, targets, n in self._iter_batches():
+                leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
+                with torch.enable_grad():
+                    loss = self._loss(dict(zip(self.param_names, leaves, strict=True)), inputs,
+                                      targets)
+                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g
+                         for g, p in zip(grads, leaves, strict=True)]
+                total.add_(self.flatten(grads), alpha=weight(n))
+                n_total += n
+                n_batches += 1
+        return total, n_total, n_batches
 
     def describe(self) -> dict[str, Any]:
         """Settings and counters, JSON-serialisable (for results and the store)."""

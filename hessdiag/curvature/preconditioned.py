@@ -49,6 +49,11 @@ class PreconditionedOperator:
         scale = self.scale[:, None]
         return scale * matmat(self.op, scale * vectors)
 
+    def gradient(self) -> Tensor:
+        """The loss gradient in the coordinates ``y = D^1/2 x`` this operator is the Hessian
+        in: ``D^-1/2 g``."""
+        return self.scale * self.op.gradient()
+
     def __getattr__(self, name: str) -> Any:  # hvp_count, mode, describe, ... of ``H``
         if name == "op":
             raise AttributeError(name)
