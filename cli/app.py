@@ -324,8 +324,8 @@ def spectrum(
                                       help=_choices(BATCH_VECTORS) + ": several "
                                       "Hessian-vector products in one pass per batch "
                                       "(batched, checked once against the loop), one at a "
-                                      "time (loop), or auto: batched on CUDA, the loop "
-                                      "elsewhere."),
+                                      "time (loop), or auto: batched on CUDA where the "
+                                      "first block is faster, the loop elsewhere."),
     start: str = typer.Option(SPECTRUM.start, "--start", help=_choices(STARTS) + ": the top "
                               "eigenvalues' starting vector: Gaussian (random), the loss "
                               "gradient plus a Gaussian (gradient: fewer products; free "

@@ -305,3 +305,57 @@ def test_settings_and_cli_record_the_outcome_in_the_result_and_the_store(tmp_pat
     assert operator["vector_batch_reason"].startswith("batched product agrees with looped")
     bad = CliRunner().invoke(app, ["spectrum", str(path), "--batch-vectors", "vmap"])
     assert bad.exit_code == 2 and "--batch-vectors must be one of" in bad.stderr
+
+
+def test_auto_keeps_batched_products_only_where_they_are_faster(mlp, monkeypatch):
+    """``auto`` (on CUDA; forced here on a CPU) times the guard's batched block against its
+    looped product: an exact batched pass that is not faster is dropped for the loop, a
+    faster one kept. Either way the block returned is exact."""
+    import time as _time
+
+    model, loss_fn, batches = mlp
+    V = _vectors(sum(p.numel() for p in model.parameters()), 4)
+    truth = dense_hessian(model, loss_fn, batches) @ V
+    for slow_side in ("batched", "looped"):
+        op = HessianOperator(model, loss_fn, batches, dtype=F64)
+        op.matvec(V[:, 0])  # the first product: mode, checks
+        op.vector_batch = None  # what auto decides on a CUDA device
+        if slow_side == "batched":
+            fast = op._batched_matmat
+            monkeypatch.setattr(op, "_batched_matmat",
+                                lambda W, fast=fast: (_time.sleep(0.3), fast(W))[1])
+        else:
+            plain = op.matvec
+            monkeypatch.setattr(op, "matvec", lambda v, plain=plain: (_time.sleep(0.3),
+                                                                        plain(v))[1])
+        got = op.matmat(V)
+        torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-12)
+        if slow_side == "batched":
+            assert op.vector_batch == "loop" and "not faster" in op.vector_batch_reason
+        else:
+            assert op.vector_batch == "batched" and "per vector" in op.vector_batch_reason
+
+
+def test_slq_lockstep_holds_no_more_probes_than_fit(monkeypatch):
+    import hessdiag.curvature.operator as operator_module
+    from hessdiag.curvature.slq import lockstep_group
+
+    info = operator_info(MatrixOperator(torch.eye(1000, dtype=F64)))
+    per_probe = 2 * 50 * 1000 * 8
+    monkeypatch.setattr(operator_module, "default_memory_budget", lambda device: 3 * per_probe)
+    assert lockstep_group(None, info, 50) == 3
+    monkeypatch.setattr(operator_module, "default_memory_budget", lambda device: 10)
+    assert lockstep_group(None, info, 50) == 1
+    monkeypatch.setattr(operator_module, "default_memory_budget", lambda device: 1 << 40)
+    assert lockstep_group(None, info, 50) == 8
+
+
+def test_a_basis_on_another_device_multiplies_blocks_in_one_call():
+    from hessdiag.curvature.lanczos import _OnDevice
+
+    A = torch.diag(torch.arange(1.0, 7.0, dtype=F64))
+    op = MatrixOperator(A)
+    moved = _OnDevice(op, torch.device("cpu"), torch.device("cpu"))
+    V = _vectors(6, 3)
+    torch.testing.assert_close(moved.matmat(V), A @ V)
+    assert op.hvp_count == 3

@@ -53,6 +53,7 @@ from hessdiag.curvature.linear import (
     as_operator,
     gaussian,
     generator,
+    matmat,
     operator_info,
     orthonormalize,
 )
@@ -336,6 +337,9 @@ class _OnDevice:
 
     def matvec(self, v: Tensor) -> Tensor:
         return self.op.matvec(v.to(self.device)).to(self.basis_device)
+
+    def matmat(self, block: Tensor) -> Tensor:
+        return matmat(self.op, block.to(self.device)).to(self.basis_device)
 
 
 def _levels(values: np.ndarray, scale: np.ndarray, which: str, tol: float

@@ -54,6 +54,7 @@ from hessdiag._tensors import to_device
 
 MODES = ("auto", "forward-over-reverse", "double-backward", "retained-graph")
 BATCH_VECTORS = ("auto", "loop", "batched")
+AUTO_BATCH_GAIN = 0.9  # auto keeps batched products costing at most this per vector of a loop's
 
 ParamSelector = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
@@ -176,20 +177,20 @@ class HessianOperator:
         product that fails on one process raises on all. Every process must compute the
         same products in the same order. ``None`` (default): this process's data only.
     batch_vectors:
-        How :meth:`matmat` computes several products: ``"loop"`` one :meth:`matvec` per
-        column; ``"batched"`` all of a block's columns in one pass per batch (retained-graph
-        and double-backward: one ``torch.autograd.grad(..., is_grads_batched=True)`` of the
-        gradient graph; forward-over-reverse: ``torch.func.vmap`` of the product), checked
-        the first time against a looped product of the block's first column (one extra
-        product, counted in ``hvp_count``): if the two differ by more than 1e-6 (float64;
-        1e-3 otherwise) in max-abs relative to the looped product, or the batched pass
-        raises, the operator loops from then on. ``"auto"`` (default): batched on CUDA,
-        the loop elsewhere (on a CPU the batched pass measured slower, see
-        ``docs/benchmarks.md``). The very first product is always a :meth:`matvec` (mode
-        choice, determinism check). Across processes (``collective``) and with ``compile``
-        products loop, as do the Gauss-Newton and Fisher operators. The outcome is
-        ``vector_batch`` (``"batched"``, ``"loop"``, or ``None`` before it is decided) and
-        ``vector_batch_reason`` in :meth:`describe`.
+        How :meth:`matmat` computes several products: ``"loop"`` one :meth:`matvec` per column;
+        ``"batched"`` all of a block's columns in one pass per batch (retained-graph and
+        double-backward: one ``torch.autograd.grad(..., is_grads_batched=True)`` of the gradient
+        graph; forward-over-reverse: ``torch.func.vmap`` of the product), checked the first time
+        against a looped product of the block's first column (one extra product, counted in
+        ``hvp_count``): if the two differ by more than 1e-6 (float64; 1e-3 otherwise) in max-abs
+        relative to the looped product, or the batched pass raises, the operator loops from then on.
+        ``"auto"`` (default): batched on CUDA, kept only if that first block cost at most
+        ``AUTO_BATCH_GAIN`` (0.9) of the looped product per vector; the loop elsewhere (on a CPU the
+        batched pass measured slower for a CNN, see ``docs/benchmarks.md``). The very first product
+        is always a :meth:`matvec` (mode choice, determinism check). Across processes
+        (``collective``) and with ``compile`` products loop, as do the Gauss-Newton and Fisher
+        operators. The outcome is ``vector_batch`` (``"batched"``, ``"loop"``, or ``None`` before it
+        is decided) and ``vector_batch_reason`` in :meth:`describe`.
 
     Examples
     --------
@@ -416,9 +417,13 @@ class HessianOperator:
             self.vector_batch_reason = (f"the batched product raised {type(exc).__name__}: "
                                         f"{first_line(exc)}")
             return self._looped(vectors)
-        self.hvp_seconds += time.perf_counter() - start
+        self._check_finite(out)  # (synchronises a CUDA device: the time is the pass's)
+        batched_seconds = time.perf_counter() - start
+        self.hvp_seconds += batched_seconds
         self.hvp_count += vectors.shape[1]
+        start = time.perf_counter()
         looped = self.matvec(vectors[:, 0])
+        looped_seconds = time.perf_counter() - start
         scale = float(looped.abs().max())
         diff = float((out[:, 0] - looped).abs().max())
         rel = diff / scale if scale > 0 else diff
@@ -427,10 +432,18 @@ class HessianOperator:
             self.vector_batch_reason = (f"batched product differs from looped by {rel:.1e} "
                                         f"(max-abs relative; tolerance {tol:.0e})")
             return torch.cat([looped[:, None], self._looped(vectors[:, 1:])], dim=1)
+        agrees = (f"batched product agrees with looped to {rel:.1e} (max-abs relative; "
+                  f"tolerance {tol:.0e})")
+        per_vector = batched_seconds / vectors.shape[1]
+        timing = (f"{per_vector:.3g} s per vector batched, {looped_seconds:.3g} s looped, "
+                  "on the first block")
+        if self.batch_vectors == "auto" and per_vector > AUTO_BATCH_GAIN * looped_seconds:
+            # exact but not faster here: the loop from now on (this block is kept)
+            self.vector_batch = "loop"
+            self.vector_batch_reason = f"batch_vectors='auto': not faster ({timing}); {agrees}"
+            return out
         self.vector_batch = "batched"
-        self.vector_batch_reason = (f"batched product agrees with looped to {rel:.1e} "
-                                    f"(max-abs relative; tolerance {tol:.0e})")
-        self._check_finite(out)
+        self.vector_batch_reason = f"{agrees}; {timing}"
         return out
 
     def _timed_batched(self, vectors: Tensor) -> Tensor:

@@ -56,7 +56,8 @@ def slq(
     :class:`~hessdiag.curvature.HessianOperator` with ``batch_vectors`` batched, or
     ``"auto"`` on CUDA), up to ``PROBE_BLOCK`` probes run in lockstep, one ``matmat`` of
     their current vectors per step, holding all their bases at once (``2 * steps`` vectors
-    each); the nodes and weights are those of one probe at a time, to rounding."""
+    each; as many as fit, :func:`lockstep_group`); the nodes and weights are those of one
+    probe at a time, to rounding."""
     if n_probes < 1:
         raise ValueError(f"n_probes must be at least 1; got {n_probes}")
     if steps < 1:
@@ -72,7 +73,7 @@ def slq(
     probes = [rademacher(n, 1, gen, info) / math.sqrt(n) for _ in range(n_probes)]
     # an operator that multiplies several vectors in one pass gets the probes' recurrences in
     # lockstep (all their bases held at once); otherwise one probe after the other
-    group = PROBE_BLOCK if getattr(op, "batches_vectors", False) else 1
+    group = lockstep_group(op, info, m) if getattr(op, "batches_vectors", False) else 1
     for block in blocks(n_probes, group):
         chosen = [probes[p] for p in block]
         projections = (_lockstep(counter, chosen, m) if len(chosen) > 1
@@ -92,6 +93,17 @@ def slq(
         seed=seed,
         settings={"n_probes": n_probes, "steps": m, "probe": "rademacher"},
     )
+
+
+def lockstep_group(op: Any, info: Any, steps: int) -> int:
+    """Probes run in lockstep: at most ``PROBE_BLOCK``, and no more than the bases of
+    (``2 * steps`` vectors each) fit in the memory left free
+    (:func:`hessdiag.curvature.operator.default_memory_budget`: half a GPU's free memory,
+    a quarter of the available memory)."""
+    from hessdiag.curvature.operator import default_memory_budget
+
+    per_probe = 2 * steps * info.dim * torch.empty((), dtype=info.dtype).element_size()
+    return int(max(1, min(PROBE_BLOCK, default_memory_budget(info.device) // per_probe)))
 
 
 def krylov_projection(matvec: Any, v: Tensor, steps: int) -> np.ndarray:
