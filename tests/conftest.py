@@ -16,6 +16,36 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+def run_cli(args, env=None):
+    """``hessdiag ARGS`` in-process: ``(exit code, stdout, stderr)``."""
+    from hessdiag.cli.app import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def trained_digits_mlp(directory: Path, kw: dict, steps: int, samples: int):
+    """An ``mlp`` (``kw``) after ``steps`` full-batch SGD steps (lr 0.1) on the first
+    ``samples`` bundled digits, saved as a hessdiag checkpoint: ``(path, model)``."""
+    from hessdiag.checkpoints import save_checkpoint
+    from hessdiag.data.digits import load_digits
+    from hessdiag.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", **kw)
+    x, y = load_digits("train").tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:samples]), y[:samples]).backward()
+        opt.step()
+    path = Path(directory) / "small.pt"
+    save_checkpoint(path, model, model_spec="mlp", model_kwargs=kw, step=steps,
+                    data={"spec": "digits", "split": "train"})
+    return path, model
+
+
 def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
     """The Hessian of the sample-weighted mean loss over ``batches``, in float64, of a
     function of the flat parameter vector (eval mode)."""

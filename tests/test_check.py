@@ -11,17 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hessdiag.cli.app import app
-from typer.testing import CliRunner
+from conftest import run_cli as run
 
 from hessdiag.checkpoints import load_checkpoint, save_checkpoint
 
 DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-mlp.pt"
-
-
-def run(args, env=None):
-    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import dense_hessian, read_only_path
-from hessdiag.cli.app import app
+from conftest import dense_hessian, read_only_path, trained_digits_mlp
+from conftest import run_cli as run
 from torch import nn
-from typer.testing import CliRunner
 
-from hessdiag.checkpoints import save_checkpoint
 from hessdiag.data import load_digits
-from hessdiag.models import build_model
 
 KW = {"num_classes": 10, "in_shape": [1, 8, 8], "hidden": 4}
 SAMPLES = 96
@@ -24,23 +21,8 @@ SAMPLES = 96
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("mlp", **KW)
-    x, y = load_digits("train").tensors
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(50):  # a few steps, so the Hessian is not that of a random network
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[:256]), y[:256]).backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
-    save_checkpoint(path, model, model_spec="mlp", model_kwargs=KW, step=50,
-                    data={"spec": "digits", "split": "train"})
-    return path, model
-
-
-def run(args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
+    # a few steps, so the Hessian is not that of a random network
+    return trained_digits_mlp(tmp_path_factory.mktemp("ckpt"), KW, steps=50, samples=256)
 
 
 def test_spectrum_json_matches_dense_hessian_in_float64(small_checkpoint, tmp_path):

@@ -10,16 +10,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import _cnn_bn as conftest_cnn_bn
-from hessdiag.cli.app import app
+from conftest import run_cli as run
+from conftest import trained_digits_mlp
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from typer.testing import CliRunner
 
-from hessdiag.checkpoints import save_checkpoint
 from hessdiag.curvature import FisherOperator, GGNOperator, HessianOperator, lanczos
 from hessdiag.data import load_digits
 from hessdiag.losses import resolve_loss
-from hessdiag.models import build_model
 
 F64 = torch.float64
 CE = resolve_loss("cross-entropy")
@@ -365,23 +363,7 @@ SAMPLES = 48
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("mlp", **KW)
-    x, y = load_digits("train").tensors
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(20):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[:128]), y[:128]).backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
-    save_checkpoint(path, model, model_spec="mlp", model_kwargs=KW, step=20,
-                    data={"spec": "digits", "split": "train"})
-    return path, model
-
-
-def run(args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
+    return trained_digits_mlp(tmp_path_factory.mktemp("ckpt"), KW, steps=20, samples=128)
 
 
 def test_cli_spectrum_ggn_matches_dense_eigvalsh(checkpoint, tmp_path):

@@ -10,8 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hessdiag.cli.app import app
-from typer.testing import CliRunner
+from conftest import run_cli as run
 
 from hessdiag.data import load_dataset
 from hessdiag.data.synthetic import (
@@ -26,11 +25,6 @@ from hessdiag.data.synthetic import (
     text,
 )
 from hessdiag.models import build_model
-
-
-def run(args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_splits_are_deterministic_disjoint_draws():

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import dense_hessian
-from hessdiag.cli.app import app
+from conftest import run_cli as run
 from torch import nn
-from typer.testing import CliRunner
 
 from hessdiag.landscape import compute_landscape, grid_axes, partial_dir, random_direction
 from hessdiag.losses import resolve_loss
@@ -31,11 +30,6 @@ from hessdiag.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "digits-mlp.pt"
-
-
-def run(args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 # --------------------------------------------------------------------------- directions

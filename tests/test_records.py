@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from hessdiag.cli.app import app, translate
+from conftest import run_cli as run
+from hessdiag.cli.app import translate
 from torch import nn
-from typer.testing import CliRunner
 
 from hessdiag._errors import InputError
 from hessdiag.data import load_dataset
@@ -31,11 +31,6 @@ from hessdiag.settings import AlignSettings, DataSettings, SpectrumSettings, Tra
 from hessdiag.spectrum import compute_spectrum
 from hessdiag.store import Store
 from hessdiag.task import new_task
-
-
-def run(args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from hessdiag.cli.app import app
+from conftest import run_cli as run
 from torch import nn
-from typer.testing import CliRunner
 
 from hessdiag.checkpoints import save_checkpoint
 from hessdiag.specs import load_factory
@@ -194,11 +193,6 @@ def factories(tmp_path_factory):
     path = tmp_path_factory.mktemp("factories") / "tasks.py"
     path.write_text(FACTORIES)
     return path
-
-
-def run(args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def checkpoint(tmp_path, factories, model, data, loss, **kwargs):
