@@ -170,7 +170,7 @@ class _OutputCurvature(HessianOperator):
                 jtw = torch.autograd.grad(outputs, leaves, grad_outputs=w, allow_unused=True)
                 parts = [g if g is not None else torch.zeros_like(p)
                          for g, p in zip(jtw, leaves, strict=True)]
-                total.add_(self.flatten(parts), alpha=1.0 if self._sum_reduction else float(n))
+                total.add_(self.flatten(parts), alpha=self._weight(n))
                 n_total += n
                 n_batches += 1
         self._record_samples(n_total, n_batches)

@@ -488,7 +488,7 @@ class HessianOperator:
             sizes = []
             for n, hv in self._batched_by_batch(stacked):
                 total.add_(self._flatten_stacked(hv, k),
-                           alpha=1.0 if self._sum_reduction else float(n))
+                           alpha=self._weight(n))
                 sizes.append(n)
         self._record_samples(sum(sizes), len(sizes))
         return total / sum(sizes)
@@ -510,9 +510,8 @@ class HessianOperator:
 
     def _double_backward_batched(self, stacked: list[Tensor], inputs, targets
                                  ) -> Sequence[Tensor | None]:
-        leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
+        leaves, loss = self._leaf_loss(inputs, targets)
         with torch.enable_grad():
-            loss = self._loss(dict(zip(self.param_names, leaves, strict=True)), inputs, targets)
             grads = torch.autograd.grad(loss, leaves, create_graph=True)
             return torch.autograd.grad(grads, leaves, grad_outputs=stacked, allow_unused=True,
                                        is_grads_batched=True)
@@ -573,6 +572,19 @@ class HessianOperator:
                 "(use reduction='mean')"
             )
         return loss
+
+    def _leaf_loss(self, inputs: Any, targets: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Fresh leaves of the selected parameters and the batch's loss at them, with its
+        graph (for a gradient, or a gradient graph)."""
+        leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
+        with torch.enable_grad():
+            loss = self._loss(dict(zip(self.param_names, leaves, strict=True)), inputs, targets)
+        return leaves, loss
+
+    def _weight(self, n: int) -> float:
+        """A batch's weight in the sum that is divided by the samples: its size for a
+        mean-reduced loss, one for a sum-reduced loss (see the module docstring)."""
+        return 1.0 if self._sum_reduction else float(n)
 
     def _hvp_fwd_rev(self, v: dict[str, Tensor], inputs, targets) -> tuple[dict, Tensor]:
         product = self._fwd_rev_product
@@ -635,10 +647,9 @@ class HessianOperator:
         if budget is not None:
             total_samples = sum(self._batch_size_fn(b[0], b[1]) for b in self._batches)
         for i, (inputs, targets, n) in enumerate(batches):
-            leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
             saved = _SavedBytes() if budget is not None and i == 0 else contextlib.nullcontext()
             with torch.enable_grad(), self._modes(), saved:
-                loss = self._loss(dict(zip(self.param_names, leaves, strict=True)), inputs, targets)
+                leaves, loss = self._leaf_loss(inputs, targets)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True)
             self._retained.append((leaves, list(grads), n, loss.detach()))
             if budget is not None and i == 0:
@@ -681,8 +692,7 @@ class HessianOperator:
             hv, loss = hvp(vd, inputs, targets)
             if first and not bool(torch.isfinite(loss)):
                 raise ValueError(f"the loss is {loss.item()} on batch {i}: not finite")
-            weight = 1.0 if self._sum_reduction else float(n)
-            total.add_(self.flatten(hv), alpha=weight)
+            total.add_(self.flatten(hv), alpha=self._weight(n))
             n_total += n
             n_batches += 1
         return total, n_total, n_batches
@@ -722,7 +732,7 @@ class HessianOperator:
             if first and not bool(torch.isfinite(loss)):
                 raise ValueError(f"the loss is {loss.item()} on batch {i}: not finite")
             hv = self._retained_product(entry, vs)
-            total.add_(self.flatten(hv), alpha=1.0 if self._sum_reduction else float(n))
+            total.add_(self.flatten(hv), alpha=self._weight(n))
             n_total += n
         return total, n_total, len(self._retained)
 
@@ -885,23 +895,19 @@ class HessianOperator:
     def _local_gradient(self) -> tuple[Tensor, int, int]:
         total = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
         n_total = n_batches = 0
-        weight = (lambda n: 1.0) if self._sum_reduction else float
         if self._retained is not None:
             for _leaves, grads, n, _ in self._retained:
-                total.add_(self.flatten([g.detach() for g in grads]), alpha=weight(n))
+                total.add_(self.flatten([g.detach() for g in grads]), alpha=self._weight(n))
                 n_total += n
                 n_batches += 1
             return total, n_total, n_batches
         with self._modes():
             for inputs, targets, n in self._iter_batches():
-                leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
-                with torch.enable_grad():
-                    loss = self._loss(dict(zip(self.param_names, leaves, strict=True)), inputs,
-                                      targets)
-                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                leaves, loss = self._leaf_loss(inputs, targets)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
                 grads = [torch.zeros_like(p) if g is None else g
                          for g, p in zip(grads, leaves, strict=True)]
-                total.add_(self.flatten(grads), alpha=weight(n))
+                total.add_(self.flatten(grads), alpha=self._weight(n))
                 n_total += n
                 n_batches += 1
         return total, n_total, n_batches
