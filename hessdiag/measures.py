@@ -37,7 +37,7 @@ from hessdiag.curvature import (
     slq,
 )
 from hessdiag.curvature.gauss_newton import LIKELIHOODS, likelihood_of
-from hessdiag.curvature.linear import Progress
+from hessdiag.curvature.linear import Progress, generator
 from hessdiag.curvature.preconditioned import (
     PreconditionedOperator,
     adam_preconditioner,
@@ -318,7 +318,7 @@ def top_start(op: Any, start: str, top_k: int, seed: int) -> tuple[Tensor | None
     norm = float(torch.linalg.vector_norm(g))
     if not math.isfinite(norm) or norm == 0.0:
         return None, "random (the loss gradient is zero or not finite)"
-    gen = torch.Generator().manual_seed(int(seed) + 104729)
+    gen = generator(int(seed) + 104729)  # a stream apart from the solver's
     z = torch.randn(g.shape[0], generator=gen, dtype=torch.float64).to(g.device, g.dtype)
     return g / norm + z / torch.linalg.vector_norm(z), "gradient"
 
