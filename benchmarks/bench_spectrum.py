@@ -6,6 +6,7 @@ Run by hand (not in CI), from the repository root:
     python benchmarks/bench_spectrum.py --trained            # cnn6 trained on synthetic blobs
     python benchmarks/bench_spectrum.py --quick --skip-peers # smoke test
     python benchmarks/bench_spectrum.py --model resnet18 --batch-size 32
+    python benchmarks/bench_spectrum.py --model vit --batch-size 32     # a small ViT
 
 Everything runs in one process on one model and one batch (eval mode, CrossEntropyLoss,
 10 classes), so the ratios printed are measured under the same machine load. Absolute
@@ -16,7 +17,8 @@ Sections: (1) gradient and Hessian-vector product (HVP) cost of each hessdiag mo
 checked by SciPy's ARPACK ``eigsh``); (3) top-5 and top-1 by each library; (4) trace by
 Hutchinson / Hutch++ / PyHessian; (5) SLQ density cost; (6) summary table of ratios
 (peer seconds / hessdiag seconds for the same task) and the project's targets, also
-written as JSON to ``--out``.
+written as JSON to ``--out``. Every top-5 and top-1 run, hessdiag's and each peer's, is
+measured with ``hessdiag.runtime.PeakMemory`` (peak and growth printed in MB = 10^6 bytes).
 
 Every timed hessdiag task builds a fresh ``HessianOperator(mode="auto")`` inside the timed
 region, so its time includes the mode choice and the determinism check; likewise each
@@ -100,6 +102,23 @@ def cifar_resnet18(num_classes: int = NUM_CLASSES) -> nn.Module:
     return model
 
 
+def small_vit(num_classes: int = NUM_CLASSES, image_size: int = 32, patch_size: int = 4,
+              num_layers: int = 6, num_heads: int = 4, hidden_dim: int = 192,
+              mlp_dim: int = 768) -> nn.Module:
+    """torchvision's VisionTransformer sized for CIFAR input: 32x32 images in 4x4 patches
+    (64 tokens and a class token), 6 layers of 4 heads, width 192, MLP 768: 2,693,578
+    parameters."""
+    import torchvision
+
+    return torchvision.models.VisionTransformer(
+        image_size=image_size, patch_size=patch_size, num_layers=num_layers,
+        num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes)
+
+
+MODELS = ("cnn6", "small-cnn", "resnet18", "vit")
+LARGE_MODELS = ("resnet18", "vit")  # judged by the top-5 time and memory targets
+
+
 def build_model(name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if name == "cnn6":
@@ -108,6 +127,8 @@ def build_model(name: str, seed: int) -> nn.Module:
         return CNN6(hidden=64, width=16)
     if name == "resnet18":
         return cifar_resnet18()
+    if name == "vit":
+        return small_vit()
     raise ValueError(name)
 
 
@@ -214,6 +235,53 @@ def hessdiag_op(model, crit, batch, **kwargs) -> HessianOperator:
     return HessianOperator(model, crit, batch, **kwargs)
 
 
+def overhead_fields(settings) -> dict:
+    """The solver's own seconds outside products, the seconds inside products and their
+    ratio (``overhead``), from an ``EigenResult.settings``; ``None`` where it lacks them."""
+    solver = settings.get("solver_seconds")
+    product = settings.get("product_seconds")
+    overhead = solver / product if solver is not None and product else None
+    return {"solver_seconds": solver, "product_seconds": product, "overhead": overhead}
+
+
+def overhead_text(timing: dict) -> str:
+    if timing["overhead"] is None:
+        return "overhead n/a (the result's settings carry no solver_seconds/product_seconds)"
+    return (f"overhead {timing['overhead']:.3f} (solver {timing['solver_seconds']:.2f} s "
+            f"outside products / {timing['product_seconds']:.2f} s in products)")
+
+
+MB = 10**6
+
+
+def fmt_mb(nbytes) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / MB:.0f}"
+
+
+def memory_fields(memory: PeakMemory) -> dict:
+    """A task's peak memory for its row: bytes, MB and how it was read."""
+    return {"peak_memory": memory.peak, "peak_memory_growth": memory.growth,
+            "peak_memory_mb": None if memory.peak is None else memory.peak / MB,
+            "peak_memory_growth_mb": None if memory.growth is None else memory.growth / MB,
+            "memory_kind": memory.kind}
+
+
+def memory_line(memory: PeakMemory) -> str:
+    return (f"      peak memory {fmt_mb(memory.peak)} MB, growth {fmt_mb(memory.growth)} MB "
+            f"({memory.kind})")
+
+
+def math_attention():
+    """Scaled dot-product attention on the math kernel, for the peers: the fused kernels
+    have no double-backward formula, so PyHessian and the others fail on a ViT without it
+    (hessdiag's products do the same internally). No effect on models without attention."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 @contextlib.contextmanager
 def count_pyhessian_hvps():
     """Count calls of PyHessian's ``hessian_vector_product`` (one per HVP on a single batch;
@@ -303,7 +371,8 @@ class Bench:
         """Run one peer measurement; print and record its error instead of stopping."""
         gc.collect()
         try:
-            return fn()
+            with math_attention():
+                return fn()
         except Exception as exc:  # noqa: BLE001 - a peer failing must not stop the run
             print(f"  !! {library} {method} failed: {type(exc).__name__}: {exc}")
             traceback.print_exc(limit=3)
@@ -464,14 +533,16 @@ class Bench:
         self.print_eig_row(f"hessdiag lanczos k={k} tol={tol:g} {started} start ({op.mode})", secs,
                            f"{r.hvps}+{op.hvp_count - r.hvps}", r.eigenvalues, errs,
                            f"  max rel residual {rr:.1e}; multiplicity check {check} HVPs")
-        print(f"      peak memory {memory.peak / 2**20:.0f} MiB (process peak RSS), raised by "
-              f"{memory.growth / 2**20:.0f} MiB during the run; retained-graph estimate "
-              f"{(op.memory_estimate or 0) / 2**20:.0f} MiB")
+        print(f"{memory_line(memory)}; retained-graph estimate "
+              f"{fmt_mb(op.memory_estimate or 0)} MB")
+        timing = overhead_fields(r.settings)
+        print(f"      {overhead_text(timing)}")
         self.record(task, "hessdiag", f"lanczos tol={tol:g} start={started}", seconds=secs,
                     hvps=op.hvp_count,
                     check_hvps=check,
-                    peak_memory=memory.peak, peak_memory_growth=memory.growth,
-                    memory_estimate=op.memory_estimate,
+                    **memory_fields(memory),
+                    memory_estimate=op.memory_estimate, **timing,
+                    default=tol == 1e-3 and start == "auto",
                     solver_hvps=r.hvps, values=[float(v) for v in r.eigenvalues], rel_err=errs,
                     max_rel_err=max(errs), max_rel_residual=rr,
                     converged=[bool(c) for c in r.converged], mode=op.mode)
@@ -480,17 +551,22 @@ class Bench:
         """Diagnostic (not the ratio basis): the same solve on an operator with a fixed mode
         and no determinism check, i.e. without the setup products of ``mode="auto"``."""
         mode = self.report.get("costs", {}).get("auto_picked") or "retained-graph"
-        t = now()
-        op = hessdiag_op(self.model, self.crit, self.batch, mode=mode, check_determinism=False)
-        r = lanczos(op, k=k, which="largest", tol=1e-3, seed=self.args.seed,
-                    return_eigenvectors=False)
-        secs = now() - t
+        gc.collect()
+        with PeakMemory() as memory:
+            t = now()
+            op = hessdiag_op(self.model, self.crit, self.batch, mode=mode,
+                             check_determinism=False)
+            r = lanczos(op, k=k, which="largest", tol=1e-3, seed=self.args.seed,
+                        return_eigenvectors=False)
+            secs = now() - t
         errs = rel_errors(r.eigenvalues, self.reference)
         self.print_eig_row(f"  (diagnostic: mode={mode}, no check)", secs,
                            f"{r.hvps}+{op.hvp_count - r.hvps}", r.eigenvalues, errs)
+        print(memory_line(memory))
         self.report.setdefault("fixed_mode_diagnostic", {})[f"top{k}"] = {
             "mode": mode, "seconds": secs, "hvps": op.hvp_count, "max_rel_err": max(errs),
-            "auto_seconds": self.hessdiag_time.get(f"top{k}")}
+            "auto_seconds": self.hessdiag_time.get(f"top{k}"), **memory_fields(memory),
+            **overhead_fields(r.settings)}
 
     def run_pyhessian_top(self, k: int, tol: float, max_iter: int = 100) -> None:
         from pyhessian import hessian
@@ -501,7 +577,7 @@ class Bench:
         def go():
             clear_grads(self.model)
             torch.manual_seed(self.args.seed)
-            with count_pyhessian_hvps() as box:
+            with count_pyhessian_hvps() as box, PeakMemory() as memory:
                 t = now()
                 h = hessian(self.model, self.crit, data=self.batch, cuda=False)
                 vals, _ = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
@@ -510,10 +586,11 @@ class Bench:
             neg = sum(v < 0 for v in vals)
             extra = f"  ({neg} negative!)" if neg else ""
             self.print_eig_row(f"pyhessian {method}", secs, box["hvps"], vals, errs, extra)
+            print(memory_line(memory))
             del h
             return self.record(task, "pyhessian", method, seconds=secs, hvps=box["hvps"],
                                values=[float(v) for v in vals], rel_err=errs,
-                               max_rel_err=max(errs), negative=neg)
+                               max_rel_err=max(errs), negative=neg, **memory_fields(memory))
 
         self.peer(task, "pyhessian", method, go)
 
@@ -544,9 +621,10 @@ class Bench:
             def go(method=method, solve=solve):
                 box = {"hvps": 0}
                 self.model.eval()
-                t = now()
-                res = solve(make_op(box))
-                secs = now() - t
+                with PeakMemory() as memory:
+                    t = now()
+                    res = solve(make_op(box))
+                    secs = now() - t
                 vals = [float(v) for v in res.eigenvalues]
                 errs = rel_errors(vals, self.reference)
                 neg = sum(v < 0 for v in vals)
@@ -554,9 +632,11 @@ class Bench:
                 extra = f"  converged {conv}" + (f"  ({neg} negative!)" if neg else "")
                 self.print_eig_row(f"eigenthings {method.split(' (')[0]}", secs, box["hvps"],
                                    vals, errs, extra)
+                print(memory_line(memory))
                 return self.record("top5", "hessian-eigenthings", method, seconds=secs,
                                    hvps=box["hvps"], values=vals, rel_err=errs,
-                                   max_rel_err=max(errs), negative=neg, converged=conv)
+                                   max_rel_err=max(errs), negative=neg, converged=conv,
+                                   **memory_fields(memory))
 
             self.peer("top5", "hessian-eigenthings", method, go)
 
@@ -568,7 +648,7 @@ class Bench:
             from scipy.sparse.linalg import eigsh
 
             params = [p for p in self.model.parameters() if p.requires_grad]
-            with count_curvlinops_hvps() as box:
+            with count_curvlinops_hvps() as box, PeakMemory() as memory:
                 t = now()
                 H = HessianLinearOperator(self.model, self.crit, params, [self.batch])
                 setup_hvps = box["hvps"]
@@ -579,15 +659,20 @@ class Bench:
             errs = rel_errors(vals, self.reference)
             hvps = f"{box['hvps'] - setup_hvps}+{setup_hvps}"
             self.print_eig_row("curvlinops + eigsh LA tol=1e-3", secs, hvps, vals, errs)
+            print(memory_line(memory))
             return self.record("top5", "curvlinops", method, seconds=secs, hvps=box["hvps"],
                                solver_hvps=box["hvps"] - setup_hvps, values=vals,
-                               rel_err=errs, max_rel_err=max(errs))
+                               rel_err=errs, max_rel_err=max(errs), **memory_fields(memory))
 
         self.peer("top5", "curvlinops", method, go)
 
     def section_top(self) -> None:
         print("\n== 3. Top eigenvalues (HVPs shown as solver+setup where both are known) ==")
         print(f"  reference top-5 {fmt_vals(self.reference, 8)}")
+        print("  peak memory: hessdiag.runtime.PeakMemory around each run (MB = 10^6 bytes)")
+        if not self.args.skip_peers:
+            print("  peers run with scaled dot-product attention on the math kernel (the fused"
+                  " kernels have no double-backward formula)")
         print(" -- top-5")
         self.run_hessdiag_top(5)
         self.run_hessdiag_top_fixed_mode(5)
@@ -711,7 +796,8 @@ class Bench:
         print("\n== 6. Summary: ratio = peer time / hessdiag time for the same task; "
               "HVPx = peer HVPs / hessdiag HVPs ==")
         head = (f"  {'task':<6} {'library':<20} {'method':<58} {'sec':>8} {'HVPs':>6} "
-                f"{'maxRelErr':>9} {'ratio':>7} {'HVPx':>6}")
+                f"{'maxRelErr':>9} {'ratio':>7} {'HVPx':>6} {'peakMB':>7} {'growMB':>7} "
+                f"{'overhead':>8}")
         print(head)
         print("  " + "-" * (len(head) - 2))
         rows = []
@@ -726,9 +812,13 @@ class Bench:
                 ratio_s = "" if ratio is None else f"{ratio:.2f}"
                 hvpx = row.get("hvp_ratio_vs_hessdiag")
                 hvpx_s = "" if hvpx is None else f"{hvpx:.2f}"
+                peak_s = fmt_mb(row["peak_memory"]) if "peak_memory" in row else ""
+                grow_s = fmt_mb(row["peak_memory_growth"]) if "peak_memory" in row else ""
+                over = row.get("overhead")
+                over_s = "" if over is None else f"{over:.3f}"
                 line = (f"  {row['task'][:6]:<6} {row['library']:<20} {row['method'][:58]:<58} "
                         f"{row['seconds']:8.2f} {row['hvps']:>6} {err_s:>9} {ratio_s:>7} "
-                        f"{hvpx_s:>6}")
+                        f"{hvpx_s:>6} {peak_s:>7} {grow_s:>7} {over_s:>8}")
             print(line)
             rows.append(row)
         targets = self.targets()
@@ -773,6 +863,8 @@ class Bench:
                           f"(rel err {hd1['max_rel_err']:.1e}); pyhessian {ph1['seconds']:.1f} s,"
                           f" {ph1['hvps']} HVPs (rel err {ph1['max_rel_err']:.1e}); "
                           f"ratio {ratio:.2f}"}
+        if self.args.model in LARGE_MODELS and "top" in self.args.sections:
+            out.update(self.large_model_targets())
         costs = self.report.get("costs")
         if costs:
             low = costs["min_seconds"]
@@ -799,9 +891,63 @@ class Bench:
         return out
 
 
+    def large_model_targets(self) -> dict:
+        """The targets for resnet18 and vit: top-5 time and peak memory against PyHessian's,
+        and the default top-1 (converged, accurate, faster than PyHessian's at tol 1e-3)."""
+        out = {}
+        hd5 = self.find("top5", "hessdiag")
+        ph5 = self.find("top5", "pyhessian")
+        name = "top5: pyhessian time / hessdiag time >= 2"
+        if hd5 and ph5:
+            ratio = ph5["seconds"] / hd5["seconds"]
+            out[name] = {
+                "met": ratio >= 2, "ratio": ratio,
+                "detail": f"hessdiag {hd5['seconds']:.1f} s ({hd5['hvps']} HVPs), pyhessian "
+                          f"{ph5['seconds']:.1f} s ({ph5['hvps']} HVPs); ratio {ratio:.2f}"}
+        else:
+            out[name] = {"met": None, "detail": "needs hessdiag's and pyhessian's top-5 rows"}
+        name = "top5: hessdiag peak memory / pyhessian peak memory <= 2"
+        if hd5 and ph5 and hd5.get("peak_memory") and ph5.get("peak_memory"):
+            ratio = hd5["peak_memory"] / ph5["peak_memory"]
+            growth = (f"; growth {fmt_mb(hd5['peak_memory_growth'])} MB against "
+                      f"{fmt_mb(ph5['peak_memory_growth'])} MB")
+            out[name] = {
+                "met": ratio <= 2, "ratio": ratio, "kind": hd5.get("memory_kind"),
+                "detail": f"peak {fmt_mb(hd5['peak_memory'])} MB against "
+                          f"{fmt_mb(ph5['peak_memory'])} MB ({hd5.get('memory_kind')}); "
+                          f"ratio {ratio:.2f}{growth}"}
+        else:
+            out[name] = {"met": None, "detail": "needs both top-5 rows with a peak memory"}
+        name = ("top1: default converged, rel err <= 1e-3 and faster than pyhessian top-1 at "
+                "tol 1e-3")
+        hd1 = next((row for row in self.tasks if row.get("task") == "top1"
+                    and row.get("library") == "hessdiag" and row.get("default")
+                    and "error" not in row), None)
+        ph1 = self.find("top1", "pyhessian", "power top_n=1 tol=0.001 ")
+        if hd1 is None:
+            out[name] = {"met": None, "detail": "no default hessdiag top-1 row"}
+        else:
+            converged = all(hd1["converged"])
+            accurate = hd1["max_rel_err"] <= 1e-3
+            detail = (f"hessdiag {hd1['seconds']:.1f} s, {hd1['hvps']} HVPs, converged "
+                      f"{converged}, rel err {hd1['max_rel_err']:.1e}")
+            if ph1 is None:
+                out[name] = {"met": None if converged and accurate else False,
+                             "converged": converged, "max_rel_err": hd1["max_rel_err"],
+                             "detail": detail + "; no pyhessian top-1 row at tol 1e-3"}
+            else:
+                ratio = ph1["seconds"] / hd1["seconds"]
+                out[name] = {"met": converged and accurate and ratio > 1, "ratio": ratio,
+                             "converged": converged, "max_rel_err": hd1["max_rel_err"],
+                             "detail": detail + f"; pyhessian {ph1['seconds']:.1f} s, "
+                                       f"{ph1['hvps']} HVPs (rel err {ph1['max_rel_err']:.1e});"
+                                       f" ratio {ratio:.2f}"}
+        return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=("cnn6", "small-cnn", "resnet18"), default="cnn6")
+    p.add_argument("--model", choices=MODELS, default="cnn6")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-peers", action="store_true", help="hessdiag only")
