@@ -2,8 +2,9 @@
 settings (:mod:`hessdiag.settings`, whose defaults they show), and the library's errors
 become one line and exit code 2.
 
-Exit codes: 0 success; 1 a check failed (a diverged training run); 2 bad input;
-3 an internal error (a bug: the one line points to ``--debug`` for the traceback).
+Exit codes: 0 success; 1 a check failed (a diverged training run); 2 bad input (or a
+check's measurement that did not converge within its budget); 3 an internal error (a
+bug: the one line points to ``--debug`` for the traceback).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hessdiag._errors import InputError, first_line
 from hessdiag.settings import (
     BASES,
     BATCH_VECTORS,
+    CHECK_MAX_HVPS,
     CURVATURES,
     DTYPES,
     FISHER_KINDS,
@@ -844,6 +846,14 @@ def align(
         render.stderr.print(f"stopped; {len(seen)} checkpoints measured")
 
 
+def _max_hvps_help(default: str) -> str:
+    return ("Budget of Hessian-vector products of each eigenvalue solve (lambda_max, "
+            "lambda_min, the top-k): it bounds the wall time; an eigenvalue that has not "
+            "converged to its tolerance within it is one error line and exit 2, never "
+            "compared "
+            f"(default: {default}).")
+
+
 CHECK_METRIC_OPTION = typer.Option(None, "--metric", help="lambda_max, lambda_min, "
                                    "lambda_ratio, trace, top_k, alignment (mean |cos| of "
                                    "SAM perturbations), critical_sharpness or "
@@ -868,6 +878,8 @@ def baseline(
     top_k: int = TOP_K_OPTION,
     trace_hvps: int = TRACE_HVPS_OPTION,
     tol: float | None = TOL_OPTION,
+    max_hvps: int = typer.Option(CHECK_MAX_HVPS, "--max-hvps", help=_max_hvps_help(
+        f"{CHECK_MAX_HVPS}; recorded in the baseline, which the check reuses")),
     hvp_mode: str = HVP_MODE_OPTION,
     curvature: str = CURVATURE_OPTION,
     fisher_kind: str = FISHER_KIND_OPTION,
@@ -880,11 +892,13 @@ def baseline(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Record sharpness metrics of a checkpoint, with every setting that produced them,
-    as the baseline `hessdiag check` compares with."""
+    as the baseline `hessdiag check` compares with. Exit 2 (nothing written) when an
+    eigenvalue does not converge within --max-hvps products."""
     from hessdiag.check import DEFAULT_METRICS, make_baseline, write_baseline
 
     _join(device)
     settings = SpectrumSettings(top_k=top_k, trace_hvps=trace_hvps, tol=tol,
+                                max_hvps=max_hvps,
                                 hvp_mode=hvp_mode, dtype=dtype, device=device, seed=seed,
                                 curvature=curvature, fisher_kind=fisher_kind,
                                 fisher_samples=fisher_samples)
@@ -920,6 +934,8 @@ def check(
     max_ratio: float | None = typer.Option(None, "--max-ratio", help="Absolute limit on "
                                            "lambda_max / |lambda_min|."),
     seed: int | None = typer.Option(None, "--seed", help="Override the baseline's seed."),
+    max_hvps: int | None = typer.Option(None, "--max-hvps", help=_max_hvps_help(
+        f"the baseline's; {CHECK_MAX_HVPS} without one")),
     junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML here (one test "
                                       "case per metric)."),
     store: Path | None = typer.Option(None, "--store", help="Also append the measurement "
@@ -932,7 +948,9 @@ def check(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Fail (exit 1) when a checkpoint is sharper than its baseline beyond --rtol and the
-    measurements' noise, or above an absolute limit; exit 0 when it is not."""
+    measurements' noise, or above an absolute limit; exit 0 when it is not; exit 2 when
+    it cannot be checked as asked (bad input, or an eigenvalue that does not converge
+    within --max-hvps products)."""
     import os
 
     from hessdiag.check import check as run_check
@@ -952,8 +970,8 @@ def check(
                                      metrics=tuple(metric) if metric else None,
                                      max_lambda=max_lambda, max_trace=max_trace,
                                      max_ratio=max_ratio, data=data_settings,
-                                     model_spec=model, loss=loss, seed=seed, store=target,
-                                     progress=progress))
+                                     model_spec=model, loss=loss, seed=seed,
+                                     max_hvps=max_hvps, store=target, progress=progress))
     from hessdiag.distributed import is_main
 
     if junit is not None and is_main():  # across processes, rank 0 writes

@@ -29,6 +29,13 @@ has none. Both are sharper when larger. Absolute limits
 
 A baseline whose settings cannot be reproduced (another model, data, loss, split or
 number of samples) is bad input, never a silent comparison.
+
+Every eigenvalue solve has a budget of products, ``max_hvps`` (recorded in the baseline;
+:data:`~hessdiag.settings.CHECK_MAX_HVPS` for a new one), which bounds the wall time
+with the trace's fixed ``trace_hvps``. An eigenvalue that has not converged to ``tol``
+within it is never compared and never recorded: :class:`NotConverged`, one line naming
+the metric, its value and residual (when the solver returned one before the budget
+stopped it) and what to change.
 """
 
 from __future__ import annotations
@@ -42,13 +49,14 @@ from typing import Any
 import numpy as np
 
 from hessdiag._errors import InputError
+from hessdiag.curvature.lanczos import default_tol
 from hessdiag.curvature.stats import mean_interval
 from hessdiag.distributed import collective, is_main
 from hessdiag.measures import checkpoint_alignment, compute_spectrum
 from hessdiag.records import provenance, read_spectrum
 from hessdiag.results import SpectrumResult
 from hessdiag.runtime import resolve_device, resolve_dtype, versions
-from hessdiag.settings import AlignSettings, DataSettings, SpectrumSettings
+from hessdiag.settings import CHECK_MAX_HVPS, AlignSettings, DataSettings, SpectrumSettings
 from hessdiag.sharpness import measure_sharpness
 from hessdiag.store import Store, now
 from hessdiag.task import Task, load_task
@@ -61,6 +69,11 @@ METRICS = ("lambda_max", "lambda_min", "lambda_ratio", "trace", "top_k", "alignm
 SHARPNESS_METRICS = {"critical_sharpness": "critical", "adaptive_sharpness": "adaptive"}
 DEFAULT_METRICS = ("lambda_max", "trace")
 Z_ONE_SIDED_95 = 1.6448536269514722
+
+
+class NotConverged(InputError):
+    """An eigenvalue that did not converge to ``tol`` within ``max_hvps`` products: the
+    measurement cannot be compared (nor recorded as a baseline)."""
 
 
 @dataclass(frozen=True)
@@ -258,17 +271,104 @@ def _absolute(measured: dict[str, Any], limits: dict[str, float | None]) -> list
 _LIMIT_NAMES = {"lambda_max": "lambda", "trace": "trace", "lambda_ratio": "ratio"}
 
 
+# --------------------------------------------------------------------------- budgets
+
+
+class _Spent(Exception):
+    """An eigenvalue solve reached its budget before it converged."""
+
+    def __init__(self, name: str, hvps: int) -> None:
+        super().__init__(name)
+        self.name, self.hvps = name, hvps
+
+
+class _Budget:
+    """The progress callback of a measurement, holding each eigenvalue solve to
+    ``settings.max_hvps`` products.
+
+    :func:`~hessdiag.measures.compute_spectrum` runs the top eigenvalues, then
+    ``lambda_min``, then the trace; each solver reports ``(done, total)`` from its own
+    count, so a count that starts again (or a new total) is the next solver. A solve that
+    asks for a product beyond the budget is stopped (:class:`_Spent`): the solver's own
+    budget may be larger than the one asked for."""
+
+    def __init__(self, settings: SpectrumSettings, progress: Any) -> None:
+        self.limit = settings.max_hvps
+        self.solves = ["lambda_max" if settings.top_k == 1 else f"the top {settings.top_k} "
+                       "eigenvalues"] + (["lambda_min"] if settings.lambda_min else [])
+        self.progress = progress
+        self.phase, self.done, self.total = -1, math.inf, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if done <= self.done or total != self.total:
+            self.phase += 1
+        self.done, self.total = done, total
+        if self.limit is not None and self.phase < len(self.solves) and done > self.limit:
+            raise _Spent(self.solves[self.phase], self.limit)
+        if self.progress is not None:
+            self.progress(done, total)
+
+
+def _unconverged_message(name: str, value: float | None, residual: float | None,
+                         settings: SpectrumSettings, hvps: int, *, baseline: bool,
+                         tol: float | None = None) -> str:
+    """One line: what did not converge, its value and residual, and what to change."""
+    if tol is None:
+        tol = settings.tol if settings.tol is not None else default_tol(
+            resolve_dtype(settings.dtype))
+    limit = f"{tol:g}"
+    found = ""
+    if value is not None and residual is not None:
+        relative = residual / abs(value) if value else math.inf
+        found = f": {value:.6g} with residual {residual:.3g} ({relative:.2g} of it)"
+        if relative <= tol:  # converged, but possibly displaced
+            found += (", not yet confirmed by the check for eigenvalues the solve may "
+                      "have missed")
+    budget = settings.max_hvps
+    raise_it = (f"raise max_hvps above {hvps}" if budget is None or budget <= hvps
+                else f"raise max_hvps (now {budget})")
+    head = (f"{name} did not converge to tol {limit} within {hvps} Hessian-vector "
+            f"products{found}")
+    if baseline:
+        return f"{head}; {raise_it} or set tol looser than {limit} (no baseline was written)"
+    return (f"{head}; {raise_it}, or record the baseline with tol looser than {limit} "
+            "(nothing was compared)")
+
+
+def _require_converged(result: SpectrumResult, settings: SpectrumSettings,
+                       baseline: bool) -> None:
+    """:class:`NotConverged` for the first eigenvalue of ``result`` that did not
+    converge: an unconverged Ritz value is no measurement to compare."""
+    top_name = "lambda_max" if len(result.top.eigenvalues) == 1 else "lambda_{}"
+    for eig, name in ((result.top, top_name), (result.bottom, "lambda_min")):
+        if eig is None:
+            continue
+        for i, ok in enumerate(eig.converged):
+            if not ok:
+                raise NotConverged(_unconverged_message(
+                    name.format(i + 1), float(eig.eigenvalues[i]), float(eig.residuals[i]),
+                    settings, int(eig.hvps), baseline=baseline, tol=eig.tol),
+                    param=("max_hvps", "tol"))
+
+
 # --------------------------------------------------------------------------- baselines
 
 
 def _measure(task: Task, checkpoint: str, metrics: tuple[str, ...], settings: SpectrumSettings,
              data: DataSettings, align: AlignSettings | None, model_spec: str | None,
-             loss: str | None, unsafe: bool, progress: Any
+             loss: str | None, unsafe: bool, progress: Any, baseline: bool = False
              ) -> tuple[SpectrumResult, dict[str, Any]]:
     group = collective()  # across processes: each measures its shard (sharpness: all data)
-    result = compute_spectrum(task.model, task.loss,
-                              task.batches(data.batch_size, sharded=group is not None),
-                              settings, progress=progress, collective=group)
+    budget = _Budget(settings, progress)
+    try:
+        result = compute_spectrum(task.model, task.loss,
+                                  task.batches(data.batch_size, sharded=group is not None),
+                                  settings, progress=budget, collective=group)
+    except _Spent as spent:
+        raise NotConverged(_unconverged_message(spent.name, None, None, settings, spent.hvps,
+                                                baseline=baseline),
+                           param=("max_hvps", "tol")) from None
+    _require_converged(result, settings, baseline)
     alignment = None
     if "alignment" in metrics:
         alignment, _ = checkpoint_alignment(checkpoint, settings=align or AlignSettings(),
@@ -290,14 +390,16 @@ def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
                   progress: Any = None) -> Baseline:
     """Measure ``metrics`` of a checkpoint and record how (see the module docstring);
     ``align`` sets how the ``alignment`` metric is measured (default
-    :class:`~hessdiag.settings.AlignSettings`)."""
+    :class:`~hessdiag.settings.AlignSettings`). Default ``settings``: those of
+    :class:`~hessdiag.settings.SpectrumSettings` with ``max_hvps`` :data:`CHECK_MAX_HVPS`.
+    Raises :class:`NotConverged` when an eigenvalue does not converge within the budget."""
     metrics = tuple(metrics)
-    settings = _settings_for(metrics, settings or SpectrumSettings())
+    settings = _settings_for(metrics, settings or SpectrumSettings(max_hvps=CHECK_MAX_HVPS))
     data = data or DataSettings()
     align = (align or AlignSettings()) if "alignment" in metrics else None
     task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
     _, values = _measure(task, checkpoint, metrics, settings, data, align, model_spec, loss,
-                         unsafe, progress)
+                         unsafe, progress, baseline=True)
     origin = provenance(task)
     return Baseline(
         metrics=values, task=_task_key(task), data=data, settings=settings, created=now(),
@@ -411,10 +513,15 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
           max_lambda: float | None = None, max_trace: float | None = None,
           max_ratio: float | None = None, settings: SpectrumSettings | None = None,
           data: DataSettings | None = None, model_spec: str | None = None,
-          loss: str | None = None, seed: int | None = None, unsafe: bool = False,
-          store: Store | None = None, progress: Any = None) -> CheckResult:
+          loss: str | None = None, seed: int | None = None, max_hvps: int | None = None,
+          unsafe: bool = False, store: Store | None = None, progress: Any = None
+          ) -> CheckResult:
     """Measure ``checkpoint`` with the baseline's settings (or ``settings`` without a
-    baseline; ``seed`` overrides the seed) and compare (see the module docstring)."""
+    baseline, default :class:`~hessdiag.settings.SpectrumSettings` with ``max_hvps``
+    :data:`CHECK_MAX_HVPS`) and compare (see the module docstring). ``seed`` overrides
+    the seed, ``max_hvps`` the budget of each eigenvalue solve (a larger budget changes
+    no converged value). Raises :class:`NotConverged` when an eigenvalue does not
+    converge within the budget: nothing is compared."""
     if not rtol >= 0:
         raise InputError(f"rtol must be non-negative; got {rtol}", param="rtol")
     limits = {"lambda_max": max_lambda, "trace": max_trace, "lambda_ratio": max_ratio}
@@ -428,11 +535,14 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
         settings, data = baseline.settings, baseline.data
     else:
         wanted = ()
-        settings, data = settings or SpectrumSettings(), data or DataSettings()
+        settings = settings or SpectrumSettings(max_hvps=CHECK_MAX_HVPS)
+        data = data or DataSettings()
     wanted_all = tuple(dict.fromkeys(wanted + tuple(k for k, v in limits.items()
                                                     if v is not None)))
     if seed is not None:
         settings = replace(settings, seed=seed)
+    if max_hvps is not None:
+        settings = replace(settings, max_hvps=max_hvps)
     settings = _settings_for(wanted_all, settings)
     task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
     if baseline is not None:

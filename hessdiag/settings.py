@@ -30,6 +30,9 @@ SHARPNESS_MEASURES = ("critical", "worst-case", "adaptive")
 PRECONDITIONERS = ("none", "adam")
 CURVATURES = ("hessian", "ggn", "fisher")
 FISHER_KINDS = ("mc", "empirical")
+# products of each eigenvalue solve of `hessdiag baseline` (and of a check without a
+# baseline): bounds their wall time (hessdiag.check)
+CHECK_MAX_HVPS = 200
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,12 @@ class SpectrumSettings:
     most negative one; with ``trace`` the trace by ``trace_method`` from ``trace_hvps``
     products; with ``density`` the spectral density by SLQ (``slq_probes`` x ``slq_steps``
     products). ``tol`` is the relative residual at which an eigenpair counts as converged
-    (``None``: 1e-3 in float32, 1e-6 in float64). ``params`` restricts the Hessian to the
-    parameters a pattern selects (glob, regular expression or module prefix);
-    ``per_layer`` adds, for each parameterised module, the top eigenvalue and trace of its
+    (``None``: 1e-3 in float32, 1e-6 in float64). ``max_hvps``: the budget of products
+    of each eigenvalue solve (the top eigenvalues, ``lambda_min``), which ``hessdiag
+    baseline`` and ``hessdiag check`` hold every solve to (:mod:`hessdiag.check`);
+    ``None``: the solver's own (:func:`hessdiag.curvature.lanczos`). ``params`` restricts
+    the Hessian to the parameters a pattern selects (glob, regular expression or module
+    prefix); ``per_layer`` adds, for each parameterised module, the top eigenvalue and trace of its
     diagonal block (and computes the whole trace). ``memory_budget`` (GiB) bounds the
     gradient graphs ``hvp_mode="auto"`` may keep (default: see
     :func:`hessdiag.curvature.operator.default_memory_budget`). ``basis_device``: where
@@ -98,6 +104,7 @@ class SpectrumSettings:
     density: bool = False
     method: str = "lanczos"
     tol: float | None = None
+    max_hvps: int | None = None
     trace_method: str = "hutch++"
     trace_hvps: int = 99
     slq_probes: int = 5
@@ -155,6 +162,8 @@ class SpectrumSettings:
             (self.slq_probes >= 1, "slq_probes", "at least 1", self.slq_probes),
             (self.slq_steps >= 2, "slq_steps", "at least 2", self.slq_steps),
             (self.tol is None or self.tol > 0, "tol", "positive", self.tol),
+            (self.max_hvps is None or self.max_hvps >= 2, "max_hvps", "at least 2",
+             self.max_hvps),
         ]
         for ok, name, what, value in checks:
             if not ok:

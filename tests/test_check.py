@@ -1,7 +1,8 @@
 """`hessdiag baseline` and `hessdiag check`: a checkpoint passes against its own baseline,
 a sharper one fails with the table (exit 1), a baseline of another task is refused
 (exit 2), JUnit XML lists each metric with its verdict, the pytest helper fails with the
-same table, and bad input is one line with exit 2."""
+same table, bad input is one line with exit 2, and so is an eigenvalue that does not
+converge within the product budget (never a pass, never a baseline)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-mlp.pt"
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("check")
     baseline = tmp / "baseline.json"
+    # lambda_min of this network is -0.0039, about 1% of its spread from zero: tol 1e-2
+    # and 400 products let it converge (tol 1e-3 needs more than 400)
     code, out, err = run(["baseline", DEMO, "-o", baseline, "--samples", 512, "--metric",
                           "lambda_max", "--metric", "trace", "--metric", "lambda_ratio",
-                          "--quiet"])
+                          "--tol", 0.01, "--max-hvps", 400, "--quiet"])
     assert code == 0, err
     # a sharper network of the same architecture: the first layer's weights scaled down
     # (less confident outputs: lambda_max 0.62 -> 1.70 on these 512 samples)
@@ -119,6 +122,8 @@ BAD = {
     "unknown metric": (["--baseline", "baseline.json", "--metric", "sharpness"],
                        "--metric"),
     "limit not positive": (["--max-lambda", "0"], "--max-lambda must be positive"),
+    "budget too small": (["--baseline", "baseline.json", "--max-hvps", "1"],
+                         "--max-hvps must be at least 2"),
     "nothing to check": ([], "nothing to check against"),
 }
 
@@ -175,3 +180,56 @@ def test_alignment_is_a_metric_that_fails_when_it_drops(files, tmp_path):
     higher = {"alignment": {**entry, "value": min(1.0, entry["value"] * 2 + 0.5)}}
     assert compare(made.metrics, lower, rtol=0.1)[0].passed is False
     assert compare(made.metrics, higher, rtol=0.1)[0].passed is True
+
+
+def test_the_baseline_records_its_product_budget_and_the_check_reuses_it(files, tmp_path):
+    tmp, baseline, _ = files
+    assert json.loads(baseline.read_text())["settings"]["max_hvps"] == 400
+    code, out, err = run(["check", DEMO, "--baseline", baseline, "--metric", "lambda_max",
+                          "--max-hvps", 500, "--json", "--quiet"])
+    assert code == 0, err
+    assert json.loads(out)["settings"]["spectrum"]["max_hvps"] == 500  # overridden
+    small = tmp_path / "small.json"
+    code, out, err = run(["baseline", DEMO, "-o", small, "--samples", 64, "--metric",
+                          "lambda_max", "--quiet"])
+    assert code == 0, err
+    assert json.loads(small.read_text())["settings"]["max_hvps"] == 200  # the default
+    code, out, err = run(["check", DEMO, "--baseline", small, "--json", "--quiet"])
+    assert code == 0, err
+    assert json.loads(out)["settings"]["spectrum"]["max_hvps"] == 200
+
+
+def test_an_eigenvalue_beyond_its_budget_is_one_line_and_exit_2_never_a_pass(files, tmp_path):
+    tmp, baseline, _ = files
+    # the check: the baseline converged, this measurement gets 2 products
+    code, out, err = run(["check", DEMO, "--baseline", baseline, "--max-hvps", 2, "--quiet"])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "lambda_max did not converge to tol 0.01 within 2 Hessian-vector products" \
+        in lines[0]
+    assert "raise --max-hvps above 2" in lines[0] and "nothing was compared" in lines[0]
+    assert "pass" not in out
+    # the baseline: nothing is written
+    target = tmp_path / "b.json"
+    code, out, err = run(["baseline", DEMO, "-o", target, "--samples", 64, "--metric",
+                          "lambda_min", "--max-hvps", 3, "--quiet"])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: lambda_max did not converge")  # the first solve
+    assert "--max-hvps" in lines[0] and "--tol" in lines[0] and "no baseline" in lines[0]
+    assert not target.exists()
+
+
+def test_an_unconverged_eigenvalue_is_reported_with_its_value_and_residual():
+    from hessdiag.check import NotConverged, make_baseline
+    from hessdiag.settings import DataSettings, SpectrumSettings
+
+    # float32 cannot reach a relative residual of 1e-9: the solver stops at its own budget
+    settings = SpectrumSettings(tol=1e-9, max_hvps=None)
+    with pytest.raises(NotConverged, match=r"^lambda_max did not converge to tol 1e-09 "
+                       r"within \d+ Hessian-vector products: [-+.\de]+ with residual "
+                       r"[-+.\de]+ \([-+.\de]+ of it\); raise max_hvps .* or set tol "
+                       r"looser than 1e-09 \(no baseline was written\)$") as caught:
+        make_baseline(str(DEMO), metrics=("lambda_max",), settings=settings,
+                      data=DataSettings(samples=64))
+    assert caught.value.param == ("max_hvps", "tol")
