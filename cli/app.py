@@ -329,10 +329,10 @@ def spectrum(
                                       "time (loop), or auto: batched on CUDA where the "
                                       "first block is faster, the loop elsewhere."),
     start: str = typer.Option(SPECTRUM.start, "--start", help=_choices(STARTS) + ": the top "
-                              "eigenvalues' starting vector: Gaussian (random), the loss "
-                              "gradient plus a Gaussian (gradient: fewer products; free "
-                              "when the gradient graphs are kept), or auto: gradient for "
-                              "--top-k 1, random otherwise."),
+                              "eigenvalues' starting vector: Gaussian (random, and auto), or "
+                              "the loss gradient plus a Gaussian (gradient: sometimes fewer "
+                              "products on small networks, more on a ResNet-18; a top-1 "
+                              "from it runs the multiplicity check)."),
     preconditioner: str = typer.Option(SPECTRUM.preconditioner, "--preconditioner",
                                        help="none, or adam: the spectrum of P^-1/2 H P^-1/2 "
                                        "with Adam's second moments from the checkpoint's "

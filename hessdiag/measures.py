@@ -298,24 +298,32 @@ def _spectrum(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings,
 def top_start(op: Any, start: str, top_k: int, seed: int) -> tuple[Tensor | None, str]:
     """The starting vector of the top eigenvalues' solver and what it is.
 
-    ``start="gradient"`` (``"auto"`` with ``top_k=1``): the operator's loss gradient
+    ``start="auto"`` and ``"random"``: a Gaussian start from the solver's seed (``None``
+    here). A uniformly random start has a component along every eigenvector with
+    probability one, which is what Lanczos's convergence to the *top* eigenvalue rests
+    on.
+
+    ``start="gradient"``: the operator's loss gradient
     (:meth:`hessdiag.curvature.HessianOperator.gradient`, free when the gradient graphs are
     kept) normalised, plus a Gaussian vector of norm one drawn from ``seed`` in a stream of
     its own (apart from the solver's). The gradient of a network's loss lies mostly in the
-    top eigenspace of its Hessian (Gur-Ari et al. 2018), so the top eigenvalue converges
-    in fewer products (measured in ``docs/benchmarks.md``); the Gaussian part gives every
-    eigenvector a nonzero component with probability one, as a random start does. For
-    ``top_k > 1`` ``"auto"`` starts at random: there the gradient start saved no products.
+    top eigenspace of its Hessian (Gur-Ari et al. 2018), which saves a few products on
+    small networks; but where the gradient holds little of the top eigenvector the run
+    converges first to the eigenvalue below it, and on a ResNet-18 at initialisation it
+    cost more products than a random start (see ``docs/benchmarks.md``). It is therefore
+    not the default, and a solve started from it runs Lanczos's multiplicity check even
+    for a top-1 (:func:`hessdiag.curvature.lanczos` with ``v0``), so a missed top
+    eigenvalue is found rather than returned as converged.
     An operator without a gradient (a preconditioned one), or a gradient of zero or not
     finite, starts at random; the second value says which start was taken.
     Returns ``(v0 or None, "gradient" | "random" | "random (...)")``."""
-    if start == "random" or (start == "auto" and top_k > 1):
+    if start in ("random", "auto"):
         return None, "random"
     gradient = getattr(op, "gradient", None)
     if not callable(gradient):
         return None, "random (this operator has no loss gradient)"
     g = gradient()
-    norm = float(torch.linalg.vector_norm(g))
+    norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
     if not math.isfinite(norm) or norm == 0.0:
         return None, "random (the loss gradient is zero or not finite)"
     gen = generator(int(seed) + 104729)  # a stream apart from the solver's

@@ -82,10 +82,9 @@ class SpectrumSettings:
     the operator multiplies several vectors at once (``auto``: in one pass per batch on
     CUDA, checked against the loop, one at a time elsewhere; ``loop``; ``batched``: on any
     device; :class:`hessdiag.curvature.HessianOperator`). ``start``: the top eigenvalues'
-    starting vector, ``random`` (Gaussian from ``seed``), ``gradient`` (the loss gradient
-    plus a Gaussian vector of the same norm: fewer products, the gradient lying mostly in
-    the top eigenspace; free when the gradient graphs are kept) or ``auto`` (``gradient``
-    for ``top_k=1``, ``random`` otherwise; see :func:`hessdiag.measures.top_start`).
+    starting vector, ``random`` (Gaussian from ``seed``; also what ``auto`` takes) or
+    ``gradient`` (the loss gradient plus a Gaussian vector of the same norm; see
+    :func:`hessdiag.measures.top_start` for when it helps and why it is not the default).
     ``preconditioner="adam"``
     analyses ``P^-1/2 H P^-1/2`` with Adam's ``P = diag(sqrt(v_hat) + eps)`` from the
     checkpoint's optimizer state (the preconditioned sharpness of Cohen et al. 2022).

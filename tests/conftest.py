@@ -127,6 +127,44 @@ def _cnn_bn():
     return model
 
 
+class _Block(nn.Module):
+    """A ResNet basic block: two 3x3 convolutions with BatchNorm, and a strided 1x1
+    convolution with BatchNorm on the shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _resnet_bn():
+    """A ResNet in miniature (stem, an identity block, a strided block with a projection
+    shortcut, global pooling): 510 parameters, BatchNorm in eval mode with non-trivial
+    running statistics and affine parameters."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3),
+                          nn.ReLU(), _Block(3, 3), _Block(3, 4, stride=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(16, 1, 6, 6) * 2 + 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
 def _batches(make_x, n_classes=3, sizes=(7, 5, 8)):
     return [(make_x(n), torch.randint(0, n_classes, (n,))) for n in sizes]
 
@@ -135,6 +173,7 @@ ZOO = {
     "mlp-tanh": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
                  lambda n: torch.randn(n, 4)),
     "cnn-batchnorm-eval": (_cnn_bn, lambda n: torch.randn(n, 1, 6, 6)),
+    "resnet-batchnorm-eval": (_resnet_bn, lambda n: torch.randn(n, 1, 6, 6)),
     "mlp-dropout": (lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5),
                                           nn.Linear(6, 3)), lambda n: torch.randn(n, 4)),
     "weight-sharing": (SharedWeights, lambda n: torch.randn(n, 4)),

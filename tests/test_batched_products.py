@@ -341,7 +341,7 @@ def test_slq_lockstep_holds_no_more_probes_than_fit(monkeypatch):
     from hessdiag.curvature.slq import lockstep_group
 
     info = operator_info(MatrixOperator(torch.eye(1000, dtype=F64)))
-    per_probe = 2 * 50 * 1000 * 8
+    per_probe = (50 + 2) * 1000 * 8  # a probe's basis: steps + 2 vectors
     monkeypatch.setattr(operator_module, "default_memory_budget", lambda device: 3 * per_probe)
     assert lockstep_group(None, info, 50) == 3
     monkeypatch.setattr(operator_module, "default_memory_budget", lambda device: 10)

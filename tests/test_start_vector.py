@@ -87,12 +87,14 @@ def test_gradient_start_finds_the_dense_top_eigenvalue_with_its_start_recorded()
     for method in ("lanczos", "power"):
         result = compute_spectrum(model, loss_fn, (x, y),
                                   SpectrumSettings(top_k=1, method=method, dtype="float64",
-                                                   tol=1e-8))
+                                                   tol=1e-8, start="gradient"))
         assert result.settings["started_from"] == "gradient"
         np.testing.assert_allclose(result.top.eigenvalues[0], top, rtol=1e-7)
         assert result.top.settings.get("v0", True)
     result = compute_spectrum(model, loss_fn, (x, y), SpectrumSettings(top_k=2, dtype="float64"))
-    assert result.settings["started_from"] == "random"  # auto: random for top_k > 1
+    assert result.settings["started_from"] == "random"  # auto: random
+    result = compute_spectrum(model, loss_fn, (x, y), SpectrumSettings(top_k=1, dtype="float64"))
+    assert result.settings["started_from"] == "random"
 
 
 def test_the_gradient_start_is_the_normalised_gradient_plus_a_unit_gaussian():
@@ -129,5 +131,6 @@ def test_preconditioned_gradient_and_a_zero_gradient():
     xs = torch.randn(10, 3, dtype=F64)
     ys = lin(xs).detach()
     flat = HessianOperator(lin, nn.MSELoss(), (xs, ys))
-    v0, how = top_start(flat, "auto", 1, seed=0)
+    v0, how = top_start(flat, "gradient", 1, seed=0)
     assert v0 is None and "zero" in how
+    assert top_start(flat, "auto", 1, seed=0) == (None, "random")

@@ -156,10 +156,12 @@ class _OutputCurvature(HessianOperator):
                     jv = jv if got is None else got
         return list(leaves.values()), outputs, jv.detach()
 
-    def _matvec_with(self, mode: str, v: Tensor, first: bool = False) -> Tensor:
+    def _matvec_with(self, mode: str, v: Tensor, first: bool = False,
+                     out: Tensor | None = None) -> Tensor:
         with self._modes():
             vd = self.unflatten(v)
-            total = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+            total = out.zero_() if out is not None else torch.zeros(
+                self.dim, device=self.device, dtype=self.dtype)
             n_total = n_batches = 0
             for i, (inputs, targets, n) in enumerate(self._iter_batches()):
                 leaves, outputs, jv = self._jvp(mode, vd, inputs)
@@ -175,7 +177,7 @@ class _OutputCurvature(HessianOperator):
                 n_batches += 1
         self._record_samples(n_total, n_batches)
         self.hvp_count += 1
-        return total / n_total
+        return total.div_(n_total)
 
     def _output_product(self, batch: int, f: Tensor, jv: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError

@@ -1,17 +1,24 @@
-"""Extreme eigenpairs by (block) Lanczos with full reorthogonalisation and thick restarts.
+"""Extreme eigenpairs by (block) Lanczos with thick restarts and an orthogonality kept on
+evidence.
 
-Lanczos builds an orthonormal basis ``V`` of the Krylov space
-``span{v, Hv, H^2 v, ...}`` and takes Ritz pairs of the projection ``T = V^T H V``.
-Without reorthogonalisation, the basis loses orthogonality as soon as a Ritz value
-converges and "ghost" copies of it appear (Paige 1971); here every new vector is
-orthogonalised twice against the whole basis, so ghosts cannot appear.
+Lanczos builds a basis ``V`` of the Krylov space ``span{v, Hv, H^2 v, ...}`` and takes
+Ritz pairs of the projection ``T = V^T H V``. Without reorthogonalisation the basis loses
+orthogonality as soon as a Ritz value converges and "ghost" copies of it appear (Paige
+1971). The basis here (:class:`~hessdiag.curvature.krylov.KrylovBasis`) is a preallocated
+buffer; each product costs one sweep of inner products over the basis, which gives the
+new column of ``T`` and, with the Gram matrix ``G = V^T V`` kept alongside, the exact
+loss of orthogonality of the next vector. A full Gram-Schmidt pass is made only when
+that loss would exceed ``ORTHOGONALITY * tol`` (and never more than
+``sqrt(eps)``: semi-orthogonality, Simon 1984). Ritz pairs solve ``T s = theta G s``, so a
+Ritz value is the Rayleigh quotient of its Ritz vector whatever is left of the loss, and
+no ghost appears (a ghost needs a vector the basis counts twice, which ``G`` shows).
 
-The products ``W = H V`` are kept beside ``V``. That makes three things exact and free:
-the projection ``T = V^T W``; the residual ``||W s - theta V s||`` of every returned
-Ritz vector ``u = V s`` (a true residual, not the usual ``|beta_m s_m|`` estimate);
-and thick restarts (Wu & Simon 2000): when the basis reaches ``ncv`` vectors it is
-compressed to the best Ritz vectors, ``V <- V S``, ``W <- W S``, and the Krylov
-recurrence continues from the last residual direction.
+Residuals ``||H u - theta u||`` come from the recurrence ``H V = V K + Q R`` (``K`` the
+coefficients subtracted, ``Q`` the next vectors): no ``H V`` is stored, so the memory is
+the basis and what the products need. They equal the true residuals to rounding, plus
+``settings["residual_drift"]``, what thick restarts (Wu & Simon 2000: the basis compressed
+in place to the best Ritz vectors, the recurrence continued from the last residual
+direction) drop of the relation; the reported residual is an upper bound.
 
 A single starting vector sees one copy of an exactly repeated eigenvalue only (its
 Krylov space meets each eigenspace in one direction), and a missed copy is orthogonal to
@@ -21,19 +28,25 @@ from a fresh random vector (``verify``). A missed eigenvector lies in that compl
 the compression has an eigenvalue at least as large; without one, the compression's top
 lies below the ``k``-th found value. The check
 runs until its top Ritz value ``mu`` (residual ``r`` for the compression) is resolved:
-``mu`` above the ``k``-th value means a missed eigenvalue, and the check's vectors and
-products join the basis (no product is repeated) and the iteration continues;
+``mu`` above the ``k``-th value means a missed eigenvalue, and the check's Ritz vector
+joins the next block and the iteration continues;
 none when ``mu`` lies inside the ``k``-th value by more than a probabilistic bound
 (Kuczynski & Wozniakowski 1992: an eigenvalue beyond it would have lifted ``mu`` higher,
 except with probability ``MISS_PROBABILITY``) or when ``(mu, r)`` has converged to ``tol``
 inside it, the standard by which any Lanczos run accepts its extreme value. With ``k=1``
-no check runs: a missed copy of the one wanted value at an end is that same value.
+and a random start no check runs: a missed copy of the one wanted value at an end is that
+same value. A start that is not random (``v0``, e.g. the loss gradient) may hold almost
+nothing of the top eigenvector, so from it even a top-1 is checked.
 The check's Ritz pairs are taken on its own vectors together with the basis's other
 Ritz vectors, which already approximate the values below the wanted ones, so its extreme
 pair converges sooner than from its vectors alone (the probabilistic bound is applied to
-its own vectors only, as the theorem requires). The check costs products (about a second
+its own vectors only, as the theorem requires). Its vectors live in the basis's own
+buffer after the converged ones. The check costs products (about a second
 convergence of the next value, for ``k >= 2``; ``settings["check_hvps"]``);
 ``verify=False`` skips it. ``block_size=b`` starts from ``b`` vectors instead.
+
+The solver's own time (inner products, updates, small dense problems) is
+``settings["solver_seconds"]``, the products' ``settings["product_seconds"]``.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hessdiag.curvature.krylov import KrylovBasis, gram, products_into, row_norms
 from hessdiag.curvature.linear import (
     Counter,
     OperatorInfo,
@@ -55,37 +69,13 @@ from hessdiag.curvature.linear import (
     generator,
     matmat,
     operator_info,
-    orthonormalize,
+    small_blas,
 )
 from hessdiag.curvature.results import EigenResult
 
 WHICH = ("largest", "smallest", "both")
-BREAKDOWN = 1e-10  # a new direction this small relative to its product: the space closed
 MISS_PROBABILITY = 1e-3  # the multiplicity check's bound on missing an eigenvalue
-
-
-def expand(matvec: Any, V: Tensor, W: Tensor, block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One Lanczos step, the kernel shared by :func:`lanczos` and
-    :func:`hessdiag.curvature.slq`: the products ``H block`` (one ``matvec.matmat`` for a
-    :class:`~hessdiag.curvature.linear.Counter`, else one call per column), appended to the
-    basis ``V`` and its products ``W = H V``. Returns ``(V, W, new products)``."""
-    products = getattr(matvec, "matmat", None)
-    new_W = products(block) if callable(products) else torch.stack(
-        [matvec(block[:, j]) for j in range(block.shape[1])], dim=1)
-    return torch.cat([V, block], dim=1), torch.cat([W, new_W], dim=1), new_W
-
-
-def next_directions(new_W: Tensor, V: Tensor) -> Tensor:
-    """The next block: the new products' components outside the basis, orthonormalised
-    twice against all of it (full reorthogonalisation: no ghost eigenvalues); empty when
-    the Krylov space is invariant."""
-    return orthonormalize(new_W, V, BREAKDOWN)
-
-
-def projection(V: Tensor, W: Tensor) -> np.ndarray:
-    """``T = V^T H V`` from the stored products, symmetrised, in float64."""
-    T = (V.T @ W).double().cpu().numpy()
-    return 0.5 * (T + T.T)
+ORTHOGONALITY = 0.1  # the basis is kept orthogonal to this fraction of tol (or sqrt(eps))
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -141,18 +131,22 @@ def lanczos(
         skipped with ``verify=False``); a set the budget left unconfirmed has
         ``converged=False`` for each pair a missed eigenvalue could still displace.
     basis_device:
-        Where the basis ``V`` and its products ``W = H V`` (``2 * ncv`` vectors, in the
-        operator's dtype), the Ritz vectors and the returned eigenvectors live; default the
-        operator's device. ``"cpu"`` keeps them in host memory for a large model on a GPU:
-        each vector is moved to the operator's device for its product and the product
-        moved back (two copies of one vector per product); everything else is computed
-        where the basis is.
+        Where the basis ``V`` (``ncv + 2 * block_size`` vectors, in the operator's dtype),
+        the Ritz vectors and the returned eigenvectors live; default the operator's device.
+        ``"cpu"`` keeps them in host memory for a large model on a GPU: each vector is
+        moved to the operator's device for its product and the product moved back (two
+        copies of one vector per product); everything else is computed where the basis
+        is.
 
     Returns
     -------
     EigenResult
-        Eigenvalues with true residual norms, converged flags, the products used and
-        the Ritz vectors (columns of ``eigenvectors``) unless ``return_eigenvectors=False``.
+        Eigenvalues with residual norms (bounds, see the module docstring), converged
+        flags, the products used and the Ritz vectors (columns of ``eigenvectors``) unless
+        ``return_eigenvectors=False``. ``settings`` adds ``orthogonality`` (the largest
+        ``|G - I|`` of the basis, and of the returned vectors measured at the end),
+        ``full_reorthogonalisations``, ``residual_drift``, ``solver_seconds`` and
+        ``product_seconds``.
 
     Examples
     --------
@@ -163,6 +157,17 @@ def lanczos(
     >>> [round(x, 12) for x in lanczos(A, k=1, which="smallest", seed=0).eigenvalues.tolist()]
     [-5.0]
     """
+    with small_blas():
+        return _lanczos(op, k, which, tol=tol, max_hvps=max_hvps, ncv=ncv,
+                        block_size=block_size, seed=seed, v0=v0,
+                        return_eigenvectors=return_eigenvectors, verify=verify,
+                        progress=progress, basis_device=basis_device)
+
+
+def _lanczos(op: Any, k: int, which: str, *, tol: float | None, max_hvps: int | None,
+             ncv: int | None, block_size: int, seed: int | None, v0: Tensor | None,
+             return_eigenvectors: bool, verify: bool, progress: Progress,
+             basis_device: torch.device | str | None) -> EigenResult:
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(WHICH)}; got {which!r}")
     op = as_operator(op)
@@ -190,6 +195,7 @@ def lanczos(
         op = _OnDevice(op, info.device, torch.device(basis_device))
         info = OperatorInfo(n, info.dtype, torch.device(basis_device))
     counter = Counter(op, progress, max_hvps)
+    product = products_into(counter)
     gen = generator(seed)
     if v0 is not None:
         start = v0.reshape(n, -1).to(info.device, info.dtype)
@@ -198,11 +204,10 @@ def lanczos(
             start = torch.cat([start, extra], dim=1)
     else:
         start = gaussian(n, block_size, gen, info)
-    block = orthonormalize(start, None, 1e-10)
+    basis = KrylovBasis(n, min(n, ncv) + 2 * block_size, info.dtype, info.device,
+                        bound=ORTHOGONALITY * tol)
+    basis.add_pending(start, fresh=gen)
 
-    V = torch.empty(n, 0, dtype=info.dtype, device=info.device)
-    W = torch.empty_like(V)
-    T = np.zeros((0, 0))
     restarts = 0
     theta = np.zeros(0)
     S = np.zeros((0, 0))
@@ -212,53 +217,50 @@ def lanczos(
     # the multiplicity check's verdict: None when skipped, False until it confirms the set
     complete: bool | None = False if verify else None
     check_hvps = 0  # products spent by the multiplicity check
-
+    # a start that is not uniformly random (v0, e.g. the loss gradient) may hold almost
+    # nothing of the top eigenvector: then even a top-1 is checked
+    check_one = v0 is not None
     lowest, highest = math.inf, -math.inf  # the extreme Ritz values seen (restarts drop them)
 
     def ritz():
         """Ritz pairs of the basis: all values, the wanted ones' residuals and flags."""
-        theta, S = np.linalg.eigh(T)
+        theta, S, res = basis.ritz()
         idx = _wanted(theta, want, which)
-        S_w = torch.as_tensor(S[:, idx], dtype=info.dtype, device=info.device)
-        th_w = torch.as_tensor(theta[idx], dtype=info.dtype, device=info.device)
-        R = W @ S_w - (V @ S_w) * th_w
-        residuals = torch.linalg.vector_norm(R, dim=0).double().cpu().numpy()
         anorm = float(np.max(np.abs(theta))) if len(theta) else 0.0
         scale = np.maximum(np.abs(theta[idx]), floor * anorm)
-        return theta, S, idx, residuals, residuals <= tol * scale, scale
+        return theta, S, idx, res[idx], res[idx] <= tol * scale, scale
 
-    while True:
-        # expand: products of the new block, projections onto the whole basis
-        V, W, new_W = expand(counter, V, W, block)
-        m = V.shape[1]
-        b = block.shape[1]
-        cols = (V.T @ new_W).double().cpu().numpy()  # T[:, m-b:m]
-        T_new = np.zeros((m, m))
-        T_new[: m - b, : m - b] = T
-        T_new[:, m - b :] = cols
-        T_new[m - b :, :] = cols.T
-        T = 0.5 * (T_new + T_new.T)
+    while basis.b:
+        b = basis.b
+        if counter.hvps + b > max_hvps:  # the budget allows only part of the block
+            basis.b = max(0, max_hvps - counter.hvps)
+            if basis.b == 0:
+                break
+        basis.multiply(product)
+        basis.absorb(fresh=gen if basis.size + basis.b < n else None)
         theta, S, idx, residuals, converged, scale = ritz()
         lowest, highest = min(lowest, float(theta[0])), max(highest, float(theta[-1]))
+        m = basis.size
         if m >= n:
             complete = True if verify else None  # the basis spans the space: nothing missed
             break
         if counter.hvps >= max_hvps:
             break
-
-        continuation = new_W
         if len(idx) == want and converged.all():
             if not verify:
                 break
-            if k == 1:
+            if k == 1 and not check_one:
                 # a random start misses only further copies of the values it found, and a
                 # copy of the one wanted value at each end leaves that value unchanged
                 complete = True
                 break
-            found = _unseen(counter, _split_ritz(V, W, theta, S, tol, floor),
+            found = _unseen(counter, basis, theta, S, idx, tol, floor,
                             _levels(theta[idx], scale, which, tol), (lowest, highest),
-                            gen, info, max_hvps, tol, floor)
+                            gen, info, max_hvps)
             check_hvps += found.steps
+            # the check rotated the basis to its Ritz vectors (the same space, the same
+            # pairs): their coefficients are now the identity's columns
+            theta, S, idx, residuals, converged, scale = ritz()
             if found.verdict == "none":
                 complete = True
                 break
@@ -266,48 +268,34 @@ def lanczos(
                 complete = False
                 converged = converged & ~_displaceable(theta[idx], which, found.reach)
                 break
-            # a missed eigenvalue: its Ritz vector from the check joins the basis (with its
-            # product: none is repeated), and both Krylov sequences continue as one block
-            V, W, added = _append(V, W, found.vector, found.product)
-            if added is None:  # already in the basis: a tie with the k-th value
-                complete = True
+            # a missed eigenvalue: the check's Ritz vector joins the next block, and both
+            # Krylov sequences continue as one block
+            if not basis.add_pending(found.vector[:, None]):
+                complete = True  # already in the basis: a tie with the k-th value
                 break
-            T = projection(V, W)
-            m = V.shape[1]
-            theta, S, idx, residuals, converged, scale = ritz()
-            continuation = torch.cat([new_W, added], dim=1)
-            b += 1
-            if m >= n or counter.hvps >= max_hvps:
-                complete = m >= n  # the basis spans the space, or the budget is spent
+            if counter.hvps >= max_hvps:
+                complete = False
                 break
-
-        # next block: the new products' components outside the basis (the Lanczos step)
-        nxt = next_directions(continuation, V)
-        if nxt.shape[1] < b:  # an invariant subspace: continue from fresh random directions
-            fresh = orthonormalize(gaussian(n, b - nxt.shape[1], gen, info),
-                                   torch.cat([V, nxt], dim=1), 1e-10)
-            nxt = torch.cat([nxt, fresh], dim=1)
-        nxt = nxt[:, : max(0, min(nxt.shape[1], n - m))]
-        if nxt.shape[1] == 0:
-            break
-        if m + nxt.shape[1] > ncv:
-            keep = _restart_set(theta, want, which, max(want, ncv - nxt.shape[1]))
-            S_k = torch.as_tensor(S[:, keep], dtype=info.dtype, device=info.device)
-            V, W = V @ S_k, W @ S_k
-            T = np.diag(theta[keep])
+        if basis.size + 2 * basis.b > ncv + 2 * block_size and basis.b:
+            keep = _restart_set(theta, want, which, max(want, ncv - basis.b))
+            basis.restart(S[:, keep], theta[keep])
             restarts += 1
-            nxt = orthonormalize(nxt, V, 1e-10)
-        block = nxt
-        if counter.hvps + block.shape[1] > max_hvps:
-            block = block[:, : max_hvps - counter.hvps]
-            if block.shape[1] == 0:
-                break
+            theta, S, idx, residuals, converged, scale = ritz()
+        if basis.b == 0 and basis.size < n:  # an invariant subspace: a fresh direction
+            basis.add_pending(torch.zeros(n, 1, dtype=info.dtype, device=info.device),
+                              fresh=gen)
 
     order = _output_order(theta[idx], which)
     eigvecs = None
-    if return_eigenvectors:
-        Y = V @ torch.as_tensor(S[:, idx[order]], dtype=info.dtype, device=info.device)
-        eigvecs = Y / torch.linalg.vector_norm(Y, dim=0)
+    orthogonality = basis.loss
+    if return_eigenvectors or len(idx) > 1:
+        Y = basis.combine(S[:, idx[order]])
+        Y = Y / _rows_like(row_norms(Y), Y)[:, None]
+        if len(idx) > 1:
+            gy = gram(Y, Y)
+            orthogonality = max(orthogonality, float(np.max(np.abs(gy - np.eye(len(idx))))))
+        eigvecs = Y.T if return_eigenvectors else None
+    seconds = counter.seconds
     return EigenResult(
         eigenvalues=theta[idx][order],
         residuals=residuals[order],
@@ -317,14 +305,23 @@ def lanczos(
         tol=tol,
         hvps=counter.hvps,
         iterations=restarts,
-        seconds=counter.seconds,
+        seconds=seconds,
         seed=seed,
         eigenvectors=eigvecs,
         settings={"k": k, "ncv": ncv, "block_size": block_size, "max_hvps": max_hvps,
                   "restarts": restarts, "v0": v0 is not None, "complete": complete,
                   "check_hvps": check_hvps,
-                  "basis_device": str(info.device)},
+                  "basis_device": str(info.device),
+                  "orthogonality": orthogonality,
+                  "full_reorthogonalisations": basis.full_passes,
+                  "residual_drift": basis.drift,
+                  "product_seconds": counter.product_seconds,
+                  "solver_seconds": max(0.0, seconds - counter.product_seconds)},
     )
+
+
+def _rows_like(values: np.ndarray, like: Tensor) -> Tensor:
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device)
 
 
 class _OnDevice:
@@ -358,45 +355,32 @@ def _levels(values: np.ndarray, scale: np.ndarray, which: str, tol: float
             (-1.0, float(values[half - 1]), tol * float(scale[half - 1]))]
 
 
-def _split_ritz(V: Tensor, W: Tensor, theta: np.ndarray, S: np.ndarray, tol: float,
-                floor: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The basis's Ritz vectors split by the convergence test: ``(Y, Z, HZ)``, the
-    converged ones ``Y`` (eigenvectors to working accuracy, so that deflating them leaves
-    every other eigenvector in place), the others ``Z`` and their products ``HZ``."""
-    S_t = torch.as_tensor(S, dtype=V.dtype, device=V.device)
-    Y, HY = V @ S_t, W @ S_t
-    th = torch.as_tensor(theta, dtype=V.dtype, device=V.device)
-    residuals = torch.linalg.vector_norm(HY - Y * th, dim=0).double().cpu().numpy()
-    anorm = float(np.max(np.abs(theta)))
-    ok = torch.as_tensor(residuals <= tol * np.maximum(np.abs(theta), floor * anorm),
-                         device=V.device)
-    return Y[:, ok], Y[:, ~ok], HY[:, ~ok]
-
-
 @dataclass
 class _Check:
     verdict: str                      # "none", "found" or "unresolved"
     vector: Tensor | None = None      # found: the Ritz vector beyond the level
-    product: Tensor | None = None     # and H times it
     reach: list[tuple[float, float]] = field(default_factory=list)  # unresolved: bounds
     steps: int = 0                    # the check's products
 
 
-def _unseen(counter: Counter, split: tuple[Tensor, Tensor, Tensor],
+def _unseen(counter: Counter, main: KrylovBasis, theta: np.ndarray, S: np.ndarray,
+            idx: np.ndarray, tol: float, floor: float,
             levels: list[tuple[float, float, float]], span: tuple[float, float],
-            gen: torch.Generator, info: Any, max_hvps: int, tol: float, floor: float
-            ) -> _Check:
+            gen: torch.Generator, info: Any, max_hvps: int) -> _Check:
     """The multiplicity check: Lanczos on ``H`` deflated by the converged Ritz vectors
     ``Y``, ``(I - Y Y^T) H (I - Y Y^T)`` on the complement of ``Y``, from a uniformly
     random start, until each watched end ``(sign, level, margin)`` is decided.
 
-    ``split = (Y, Z, HZ)``: besides ``Y``, the basis's other Ritz vectors ``Z`` (also in
-    the complement of ``Y``) and their products. The check's Ritz pairs are taken on the
-    union of ``Z`` and its own Krylov vectors: ``Z`` already holds the main run's
-    approximations of the values below the wanted ones, so the extreme pair of the
-    deflated operator converges in fewer products than from the check's vectors alone,
-    at no extra product (the union's extreme value is at least the check's own, and at
-    most the deflated operator's extreme eigenvalue).
+    The basis's other Ritz vectors ``Z = V S_Z`` (also in the complement of ``Y``) join
+    the check's Ritz pairs, which are taken on the union of ``Z`` and the check's own
+    Krylov vectors: ``Z`` already holds the main run's approximations of the values
+    below the wanted ones, so the extreme pair of the deflated operator converges in
+    fewer products than from the check's vectors alone, at no extra product (the
+    union's extreme value is at least the check's own, and at most the deflated
+    operator's extreme eigenvalue). Nothing of size ``n`` is formed for the union: its
+    projection and Gram matrix come from one inner-product sweep of the main basis per
+    check step (``V^T q`` and ``V^T H q`` of the check's vector ``q``), and a union
+    pair's residual from both Krylov relations.
 
     ``"found"`` as soon as that extreme Ritz value lies beyond the level by more than the
     margin (an eigenvalue the basis missed: a missed eigenvector is orthogonal to ``Y``,
@@ -412,30 +396,85 @@ def _unseen(counter: Counter, split: tuple[Tensor, Tensor, Tensor],
     extreme value has come within ``tol`` of it, as any Lanczos run accepts its extreme
     value. ``"unresolved"`` when the budget runs out first, with
     ``(sign, mu + sign eps_j a)``: how far a missed eigenvalue may still lie."""
-    Y, Z, HZ = split
-    n = info.dim - Y.shape[1]
-    q = orthonormalize(gaussian(info.dim, 1, gen, info), Y, 1e-10)
-    V_c, W_c = Y[:, :0], Y[:, :0]
-    reach: list[tuple[float, float]] = []
+    _, _, main_res = main.ritz()
+    anorm0 = float(np.max(np.abs(theta)))
+    conv = main_res <= tol * np.maximum(np.abs(theta), floor * anorm0)
+    conv[idx] = True  # the wanted pairs (converged: the check runs only then)
+    # the basis rotated, in place, to its Ritz vectors: [Z, Y]; the check's vectors then
+    # follow Y in the same buffer (over the pending rows, kept aside meanwhile), so the
+    # check allocates nothing of size n beyond the rows the basis already holds
+    order = np.concatenate([np.flatnonzero(~conv), np.flatnonzero(conv)])
+    saved = main.pending().clone()
+    main.restart(S[:, order], theta[order])
+    nz, m_main = int((~conv).sum()), main.m
+    theta_Z = theta[order][:nz]
+    n = info.dim - (m_main - nz)
+    rows = main.rows
+    pend = slice(main.m, main.m + main.b)
+    G_main = main.G[rows, rows]
+    S_Z = np.eye(m_main)[:, :nz]                        # Z = the first nz rows
+    E_Z = main.K[rows, :nz] - S_Z * theta_Z             # H Z - Z Theta inside span(V)
+    couple_Z = main.K[pend, :nz]                        # H Z's part along the pending rows
+    check = KrylovBasis(info.dim, 0, info.dtype, info.device, bound=main.bound,
+                        buffer=main.buf[nz:], n_locked=m_main - nz)
+    check.add_pending(gaussian(info.dim, 1, gen, info), fresh=gen)
+    product = products_into(counter)
+    VtQ = np.zeros((main.m + main.b, 0))   # [V, Q_main]^T q_j for the check's vectors
+    VtHQ = np.zeros((main.m, 0))           # V^T H q_j
     log_term = math.log(1.648 * math.sqrt(max(n, 1)) / MISS_PROBABILITY)
+    try:
+        return _check_steps(counter, main, check, product, saved, S_Z, theta_Z, E_Z,
+                            couple_Z, G_main, levels, span, log_term, tol, floor,
+                            max_hvps, VtQ, VtHQ)
+    finally:
+        main.buf[main.m : main.m + main.b] = saved  # the pending rows back in place
+
+
+def _check_steps(counter: Counter, main: KrylovBasis, check: KrylovBasis, product: Any,
+                 saved: Tensor, S_Z: np.ndarray, theta_Z: np.ndarray, E_Z: np.ndarray,
+                 couple_Z: np.ndarray, G_main: np.ndarray,
+                 levels: list[tuple[float, float, float]], span: tuple[float, float],
+                 log_term: float, tol: float, floor: float, max_hvps: int,
+                 VtQ: np.ndarray, VtHQ: np.ndarray) -> _Check:
+    """The iterations of :func:`_unseen` (see there)."""
+    rows = main.rows
     lo, hi = span
+    reach: list[tuple[float, float]] = []
     steps = 0
-    while q.shape[1] and counter.hvps < max_hvps:
-        V_c, W_c, new_W = expand(counter, V_c, W_c, q)
+    while check.b and counter.hvps < max_hvps:
+        check.multiply(product)
         steps += 1
-        mu, _ = np.linalg.eigh(projection(V_c, W_c))
+        qp = check.buf[check.m : check.m + 2]  # q_j and H q_j
+        X = np.concatenate([gram(main.vectors(), qp), gram(saved, qp)], axis=0)
+        VtQ = np.concatenate([VtQ, X[:, :1]], axis=1)
+        VtHQ = np.concatenate([VtHQ, X[: main.m, 1:2]], axis=1)
+        check.absorb()
+        mu, _, _ = check.ritz()
         eps_j = (log_term / (2 * len(mu) - 1)) ** 2
-        U, HU, nu, B = _union_ritz(Z, HZ, V_c, W_c)
+        # the union of Z and the check's vectors: Gram matrix and projection
+        crow = check.rows
+        G_c, T_c = check.G[crow, crow], check.T[crow, crow]
+        G_zc = S_Z.T @ VtQ[rows]
+        A_zc = S_Z.T @ VtHQ[rows]
+        nz = S_Z.shape[1]
+        gram_u = np.block([[np.eye(nz), G_zc], [G_zc.T, G_c]])
+        proj_u = np.block([[np.diag(theta_Z), A_zc], [A_zc.T, T_c]])
+        g, E = np.linalg.eigh(0.5 * (gram_u + gram_u.T))
+        keep = g > 1e-10 * g[-1]
+        Cm = E[:, keep] / np.sqrt(g[keep])
+        nu, W = np.linalg.eigh(Cm.T @ (0.5 * (proj_u + proj_u.T)) @ Cm)
+        B = Cm @ W
         lo, hi = min(lo, float(mu[0]), float(nu[0])), max(hi, float(mu[-1]), float(nu[-1]))
         reach = []
         anorm = max(abs(lo), abs(hi))
         for sign, level, margin in levels:
             j = len(mu) - 1 if sign > 0 else 0
             ju = len(nu) - 1 if sign > 0 else 0
-            coeffs = torch.as_tensor(B[:, ju], dtype=Y.dtype, device=Y.device)
-            x, hx = U @ coeffs, HU @ coeffs
+            b1, b2 = B[:nz, ju], B[nz:, ju]
             if sign * (nu[ju] - level) > margin:
-                return _Check("found", x, hx, steps=steps)
+                x = main.combine((S_Z @ b1)[:, None])[0] + check.combine(b2[:, None])[0]
+                x = x.clone()
+                return _Check("found", x, steps=steps)
             edge = level + sign * margin
             a = (edge - lo) if sign > 0 else (hi - edge)
             if sign * (edge - mu[j]) > eps_j * a:
@@ -444,50 +483,47 @@ def _unseen(counter: Counter, split: tuple[Tensor, Tensor, Tensor],
             # (for the deflated operator) converged inside the level, and the check's own
             # extreme value has reached it (the union alone may hold a converged pair of
             # the main run's while the random start has not yet lifted a missed copy)
-            hx = hx - Y @ (Y.T @ hx)
-            r = float(torch.linalg.vector_norm(hx - float(nu[ju]) * x))
+            r = _union_residual(float(nu[ju]), b1, b2, S_Z, theta_Z, E_Z, couple_Z,
+                                G_main, main, check, VtQ)
             bar = tol * max(abs(float(nu[ju])), floor * anorm)
             if r > bar or sign * (nu[ju] - mu[j]) > bar:
                 reach.append((sign, float(mu[j]) + sign * eps_j * a))
         if not reach:
             return _Check("none", steps=steps)
-        q = next_directions(new_W, torch.cat([Y, V_c], dim=1))
-    if not q.shape[1]:  # the Krylov space closed: its Ritz values are exact
+    if not check.b:  # the Krylov space closed: its Ritz values are exact
         return _Check("none", steps=steps)
     return _Check("unresolved", reach=reach, steps=steps)
 
 
-def _union_ritz(Z: Tensor, HZ: Tensor, V_c: Tensor, W_c: Tensor
-                ) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
-    """Rayleigh-Ritz of ``H`` on ``span(Z, V_c)`` (``Z`` orthonormal, ``V_c`` orthonormal,
-    not orthogonal to each other): ``(U, HU, values, B)`` with the Ritz vectors
-    ``U @ B[:, i]`` and their products ``HU @ B[:, i]``. The Gram matrix of ``U = [Z, V_c]``
-    is diagonalised and directions it holds to less than ``1e-10`` (relative) dropped, so
-    a check vector already in ``span(Z)`` adds nothing."""
-    U, HU = torch.cat([Z, V_c], dim=1), torch.cat([HZ, W_c], dim=1)
-    G = (U.T @ U).double().cpu().numpy()
-    A = (U.T @ HU).double().cpu().numpy()
-    g, E = np.linalg.eigh(0.5 * (G + G.T))
-    keep = g > 1e-10 * g[-1]
-    C = E[:, keep] / np.sqrt(g[keep])  # U C is orthonormal
-    values, S = np.linalg.eigh(C.T @ (0.5 * (A + A.T)) @ C)
-    return U, HU, values, C @ S
-
-
-def _append(V: Tensor, W: Tensor, x: Tensor, hx: Tensor
-            ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``x`` made orthogonal to ``V`` (twice) and unit, appended to the basis, with its
-    product carried along by the same combination (no new product). Returns the new
-    basis, its products and the appended product (``None``: ``x`` was in the basis)."""
-    norm = torch.linalg.vector_norm(x)
-    for _ in range(2):
-        c = V.T @ x
-        x, hx = x - V @ c, hx - W @ c
-    left = torch.linalg.vector_norm(x)
-    if left <= BREAKDOWN * norm:
-        return V, W, None
-    x, hx = x / left, hx / left
-    return torch.cat([V, x[:, None]], dim=1), torch.cat([W, hx[:, None]], dim=1), hx[:, None]
+def _union_residual(nu: float, b1: np.ndarray, b2: np.ndarray, S_Z: np.ndarray,
+                    theta_Z: np.ndarray, E_Z: np.ndarray, couple_Z: np.ndarray,
+                    G_main: np.ndarray, main: KrylovBasis, check: KrylovBasis,
+                    VtQ: np.ndarray) -> float:
+    """A bound on ``||H u - nu u||`` for the union's Ritz vector ``u = Z b1 + V_c b2``,
+    from the two Krylov relations ``H V = V K + Q R`` (main basis, ``Z = V S_Z``) and
+    ``(I - Y Y^T) H V_c = V_c K_c + Q_c R_c`` (the check), with the Gram matrix of
+    ``[V, V_c, Q]`` as measured; the check's pending direction enters by the triangle
+    inequality (its overlaps are measured only at the next step)."""
+    rows, crow = main.rows, check.rows
+    a_V = S_Z @ (theta_Z * b1 - nu * b1) + E_Z @ b1
+    a_c = check.K[crow, crow] @ b2 - nu * b2
+    a_Q = couple_Z @ b1
+    nv, nc, nq = len(a_V), len(a_c), len(a_Q)
+    pend = slice(main.m, main.m + main.b)
+    gram_all = np.zeros((nv + nc + nq,) * 2)
+    gram_all[:nv, :nv] = G_main
+    gram_all[nv : nv + nc, nv : nv + nc] = check.G[crow, crow]
+    gram_all[nv + nc :, nv + nc :] = np.eye(nq)
+    vc = VtQ[rows]
+    gram_all[:nv, nv : nv + nc], gram_all[nv : nv + nc, :nv] = vc, vc.T
+    qc = VtQ[main.m : main.m + main.b]
+    gram_all[nv + nc :, nv : nv + nc], gram_all[nv : nv + nc, nv + nc :] = qc, qc.T
+    vq = main.G[rows, pend]
+    gram_all[:nv, nv + nc :], gram_all[nv + nc :, :nv] = vq, vq.T
+    a = np.concatenate([a_V, a_c, a_Q])
+    inner = math.sqrt(max(float(a @ gram_all @ a), 0.0))
+    rho_c = check.K[check.m : check.m + check.b, crow] @ b2
+    return inner + float(np.linalg.norm(rho_c)) + main.drift + check.drift
 
 
 def _displaceable(values: np.ndarray, which: str, reach: list[tuple[float, float]]

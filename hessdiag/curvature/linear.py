@@ -11,6 +11,7 @@ in one pass per batch); solvers that have several independent vectors use it thr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,18 +122,37 @@ class Counter:
     budget: int = 0
     hvps: int = 0
     started: float = field(default_factory=time.perf_counter)
+    product_seconds: float = 0.0  # time inside the operator's products
+
+    def __post_init__(self) -> None:
+        self._takes_out = takes_out(getattr(self.op, "matvec", None))
 
     def __call__(self, v: Tensor) -> Tensor:
-        out = self.op.matvec(v)
+        return self.matvec(v)
+
+    def matvec(self, v: Tensor, out: Tensor | None = None) -> Tensor:
+        """``H v``, written into ``out`` when given (by the operator itself when its
+        ``matvec`` takes ``out=``, which saves allocating a vector per product)."""
+        start = time.perf_counter()
+        if out is not None and self._takes_out:
+            result = self.op.matvec(v, out=out)
+        else:
+            result = self.op.matvec(v)
+        if out is not None and result.data_ptr() != out.data_ptr():
+            out.copy_(result)
+            result = out
+        self.product_seconds += time.perf_counter() - start
         self.hvps += 1
         if self.progress is not None:
             self.progress(self.hvps, self.budget)
-        return out
+        return result
 
     def matmat(self, block: Tensor) -> Tensor:
         """``H block`` for the columns of ``block`` (:func:`matmat`): ``k`` products, one
         progress report."""
+        start = time.perf_counter()
         out = matmat(self.op, block)
+        self.product_seconds += time.perf_counter() - start
         self.hvps += block.shape[1]
         if self.progress is not None:
             self.progress(self.hvps, self.budget)
@@ -141,6 +161,71 @@ class Counter:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+
+def small_blas():
+    """A context in which NumPy's and SciPy's BLAS (OpenBLAS) use one thread. The solvers'
+    dense work is on matrices of tens of rows, which a multi-threaded BLAS slows down by
+    10-100x when its threads compete with PyTorch's on a busy machine (measured: an
+    ``eigh`` of 120 rows, 6 ms alone, 0.2-0.45 s beside PyTorch's threads on a loaded
+    2-core CPU). PyTorch's own threads are left as they are."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a declared dependency
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+CHUNK = 1 << 14
+"""Entries per partial inner product (accumulated in float64 across chunks)."""
+
+
+def gram(A: Tensor, B: Tensor) -> np.ndarray:
+    """``A @ B.T`` in float64 for vectors stored as rows: one matrix-vector product per
+    row of ``B`` (PyTorch's CPU matrix-matrix product of a few long rows is 5-20x slower
+    than that many matrix-vector products here), a float32 (or lower) one summed over
+    chunks of :data:`CHUNK` entries in float64 (10x more accurate at 10^7 entries, at the
+    same speed)."""
+    cols = []
+    for j in range(B.shape[0]):
+        b = B[j]
+        if A.dtype == torch.float64 or A.shape[1] <= CHUNK:
+            cols.append((A @ b).double())
+        else:
+            parts = [A[:, s:s + CHUNK] @ b[s:s + CHUNK] for s in range(0, A.shape[1], CHUNK)]
+            cols.append(torch.stack(parts).double().sum(0))
+    if not cols:
+        return np.zeros((A.shape[0], 0))
+    return torch.stack(cols, dim=1).cpu().numpy()
+
+
+def row_norms(A: Tensor) -> np.ndarray:
+    """Euclidean norms of the rows of ``A``, accumulated as :func:`gram` does (PyTorch's
+    float32 norm of 10^6 entries was measured off by 2e-5 relative: enough to make a
+    unit vector measurably not unit)."""
+    return np.sqrt(np.maximum([gram(A[j : j + 1], A[j : j + 1])[0, 0]
+                               for j in range(A.shape[0])], 0.0)).reshape(-1)
+
+
+def dot(a: Tensor, b: Tensor) -> float:
+    """``a . b`` of two flat vectors, accumulated as :func:`gram` does."""
+    return float(gram(a.reshape(1, -1), b.reshape(1, -1))[0, 0])
+
+
+def norm(a: Tensor) -> float:
+    """``||a||`` of a flat vector, accumulated as :func:`gram` does (PyTorch's float32
+    norm of 10^7 entries is off by about 1e-3 relative)."""
+    return float(row_norms(a.reshape(1, -1))[0])
+
+
+def takes_out(fn: Any) -> bool:
+    """Whether ``fn`` (an operator's ``matvec``) accepts ``out=``."""
+    import inspect
+
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def generator(seed: int | None) -> torch.Generator:

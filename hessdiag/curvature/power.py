@@ -31,9 +31,13 @@ from hessdiag.curvature.linear import (
     Counter,
     Progress,
     as_operator,
+    dot,
     gaussian,
     generator,
+    gram,
+    norm,
     operator_info,
+    row_norms,
 )
 from hessdiag.curvature.results import EigenResult
 
@@ -121,15 +125,15 @@ def power_iteration(
     # directions), and deflating with inexact vectors passes that error on; this removes
     # it at no extra product
     U, HU = torch.stack(vecs, dim=1), torch.stack(products, dim=1)
-    T = (U.T @ HU).double().cpu().numpy()
+    T = gram(U.T, HU.T)
     theta, S = np.linalg.eigh(0.5 * (T + T.T))
     order = np.argsort(-theta)
     theta, S = theta[order], torch.as_tensor(S[:, order], dtype=info.dtype, device=info.device)
     U, HU = U @ S, HU @ S
-    norms = torch.linalg.vector_norm(U, dim=0)
+    norms = torch.as_tensor(row_norms(U.T.contiguous()), dtype=info.dtype, device=info.device)
     U, HU = U / norms, HU / norms
     th = torch.as_tensor(theta, dtype=info.dtype, device=info.device)
-    residuals = torch.linalg.vector_norm(HU - U * th, dim=0).double().cpu().numpy()
+    residuals = row_norms((HU - U * th).T.contiguous())
     floor = torch.finfo(info.dtype).eps ** (2 / 3)
     scale = np.maximum(np.abs(theta), floor * np.abs(theta - sigma))
     converged = residuals <= tol * np.maximum(scale, torch.finfo(info.dtype).tiny)
@@ -164,15 +168,15 @@ def _one_pair(counter, info, vecs, values, deflation, sigma, start, gen, tol, ma
         return x
 
     u = project(u)
-    norm = torch.linalg.vector_norm(u)
-    if norm == 0:
+    size = norm(u)
+    if size == 0:
         u = project(gaussian(n, 1, gen, info)[:, 0])
-        norm = torch.linalg.vector_norm(u)
-    u = u / norm
+        size = norm(u)
+    u = u / size
     for it in range(1, max_iter + 1):
         hu = counter(u)
-        theta = float(u @ hu)
-        res = float(torch.linalg.vector_norm(hu - theta * u))
+        theta = dot(u, hu)
+        res = norm(hu - theta * u)
         scale = max(abs(theta), floor * abs(theta - sigma), torch.finfo(info.dtype).tiny)
         ok = res <= tol * scale
         if ok or it == max_iter:
@@ -183,7 +187,7 @@ def _one_pair(counter, info, vecs, values, deflation, sigma, start, gen, tol, ma
             lam = torch.as_tensor(values, dtype=info.dtype, device=info.device) - sigma
             w = w - U @ (lam * (U.T @ u))
         w = project(w)
-        wn = torch.linalg.vector_norm(w)
+        wn = norm(w)
         if wn == 0:  # u spans an eigenspace of eigenvalue sigma in the deflated operator
             return u, hu, theta, it
         u = w / wn
@@ -209,15 +213,15 @@ def power_steps(op: Any, v0: Tensor, steps: int, *, shift: float = 0.0
     op = as_operator(op)
     info = operator_info(op)
     u = v0.reshape(-1).to(info.device, info.dtype)
-    u = u / torch.linalg.vector_norm(u)
+    u = u / norm(u)
     theta = residual = float("nan")
     for _ in range(steps):
         hu = op.matvec(u)
-        theta = float(u @ hu)
-        residual = float(torch.linalg.vector_norm(hu - theta * u))
+        theta = dot(u, hu)
+        residual = norm(hu - theta * u)
         w = hu - shift * u
-        norm = torch.linalg.vector_norm(w)
-        if norm == 0:  # u is an eigenvector of eigenvalue shift: nowhere to go
+        size = norm(w)
+        if size == 0:  # u is an eigenvector of eigenvalue shift: nowhere to go
             break
-        u = w / norm
+        u = w / size
     return u, theta, residual

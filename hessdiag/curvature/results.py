@@ -30,8 +30,9 @@ class EigenResult:
     ``eigenvalues`` are ordered from the requested end inward: descending for
     ``which="largest"``, ascending for ``"smallest"``; for ``"both"`` all of them
     descending (the top end first, the most negative last).
-    ``residuals[i] = ||H u_i - theta_i u_i||`` for the returned unit vector ``u_i``,
-    computed from stored products (not an estimate); ``converged[i]`` is
+    ``residuals[i]`` bounds ``||H u_i - theta_i u_i||`` for the returned unit vector
+    ``u_i`` (Lanczos: from its recurrence, equal to the true residual to rounding plus the
+    drift its restarts drop; power iteration: from a product of ``u_i``); ``converged[i]`` is
     ``residuals[i] <= tol * max(|theta_i|, eps**(2/3) * ||H||)``.
     """
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessdiag.curvature.lanczos import expand, next_directions, projection
+from hessdiag.curvature.krylov import KrylovBasis, products_into
 from hessdiag.curvature.linear import (
     PROBE_BLOCK,
     Counter,
@@ -34,6 +34,7 @@ from hessdiag.curvature.linear import (
     generator,
     operator_info,
     rademacher,
+    small_blas,
 )
 from hessdiag.curvature.quadrature import density
 from hessdiag.curvature.results import SLQResult
@@ -55,9 +56,15 @@ def slq(
     When ``op`` multiplies several vectors in one pass (``op.batches_vectors``: a
     :class:`~hessdiag.curvature.HessianOperator` with ``batch_vectors`` batched, or
     ``"auto"`` on CUDA), up to ``PROBE_BLOCK`` probes run in lockstep, one ``matmat`` of
-    their current vectors per step, holding all their bases at once (``2 * steps`` vectors
+    their current vectors per step, holding all their bases at once (``steps + 2`` vectors
     each; as many as fit, :func:`lockstep_group`); the nodes and weights are those of one
     probe at a time, to rounding."""
+    with small_blas():
+        return _slq(op, n_probes, steps, seed=seed, progress=progress)
+
+
+def _slq(op: Any, n_probes: int, steps: int, *, seed: int | None, progress: Progress
+         ) -> SLQResult:
     if n_probes < 1:
         raise ValueError(f"n_probes must be at least 1; got {n_probes}")
     if steps < 1:
@@ -97,53 +104,63 @@ def slq(
 
 def lockstep_group(op: Any, info: Any, steps: int) -> int:
     """Probes run in lockstep: at most ``PROBE_BLOCK``, and no more than the bases of
-    (``2 * steps`` vectors each) fit in the memory left free
+    (``steps + 2`` vectors each) fit in the memory left free
     (:func:`hessdiag.curvature.operator.default_memory_budget`: half a GPU's free memory,
     a quarter of the available memory)."""
     from hessdiag.curvature.operator import default_memory_budget
 
-    per_probe = 2 * steps * info.dim * torch.empty((), dtype=info.dtype).element_size()
+    per_probe = (steps + 2) * info.dim * torch.empty((), dtype=info.dtype).element_size()
     return int(max(1, min(PROBE_BLOCK, default_memory_budget(info.device) // per_probe)))
 
 
 def krylov_projection(matvec: Any, v: Tensor, steps: int) -> np.ndarray:
-    """``T = V^T H V`` for the Krylov basis ``V`` of ``steps`` Lanczos steps from the unit
-    column ``v`` (:func:`hessdiag.curvature.lanczos.expand`, full reorthogonalisation;
-    fewer steps if the Krylov space closes). ``V``'s first column is ``v``, so the
-    eigenvectors' first components give the quadrature weights."""
-    V = W = v[:, :0]
-    block = v
-    for _ in range(steps):
-        V, W, new_W = expand(matvec, V, W, block)
-        if V.shape[1] == steps:
-            break
-        block = next_directions(new_W, V)
-        if block.shape[1] == 0:  # the Krylov space is invariant
-            break
-    return projection(V, W)
+    """``T = W^T H W`` for an orthonormal basis ``W`` of the Krylov space of ``steps``
+    Lanczos steps from the unit column ``v`` (:class:`~hessdiag.curvature.krylov.KrylovBasis`:
+    the measured Gram matrix ``G`` of the stored vectors ``V`` orthonormalises them,
+    ``W = V L^{-T}`` with ``G = L L^T``; fewer steps if the Krylov space closes). ``W``'s
+    first column is ``v``, so the eigenvectors' first components give the quadrature
+    weights."""
+    info = v.shape[0]
+    basis = KrylovBasis(info, steps + 2, v.dtype, v.device)
+    basis.add_pending(v)
+    product = products_into(matvec)
+    while basis.b and basis.size < steps:
+        basis.multiply(product)
+        basis.absorb()
+    return orthonormal_projection(basis)
+
+
+def orthonormal_projection(basis: KrylovBasis) -> np.ndarray:
+    """The basis's projection ``V^T H V`` expressed in the orthonormal basis
+    ``V L^{-T}`` (``G = L L^T``, the measured Gram matrix): ``L^{-1} T L^{-T}``."""
+    r = basis.rows
+    T, G = basis.T[r, r], basis.G[r, r]
+    L = np.linalg.cholesky(0.5 * (G + G.T))
+    X = np.linalg.solve(L, 0.5 * (T + T.T))
+    out = np.linalg.solve(L, X.T)
+    return 0.5 * (out + out.T)
 
 
 def _lockstep(counter: Counter, starts: list[Tensor], steps: int) -> list[np.ndarray]:
     """:func:`krylov_projection` of each unit column in ``starts``, the recurrences run
     side by side: each step multiplies every unfinished probe's next vector in one
     ``counter.matmat``. The same steps and stopping rules as one probe at a time."""
-    state: list[tuple[Tensor, Tensor, Tensor] | None] = [(v[:, :0], v[:, :0], v)
-                                                         for v in starts]
-    out: list[np.ndarray | None] = [None] * len(starts)
-    active = list(range(len(starts)))
+    bases = []
+    for v in starts:
+        basis = KrylovBasis(v.shape[0], steps + 2, v.dtype, v.device)
+        basis.add_pending(v)
+        bases.append(basis)
+    active = [p for p, basis in enumerate(bases) if basis.b]
     while active:
-        current = [state[p][2] for p in active]  # type: ignore[index]
-        products = counter.matmat(torch.cat(current, dim=1))
-        parts = torch.split(products, [b.shape[1] for b in current], dim=1)
-        unfinished = []
-        for p, block, new_W in zip(active, current, parts, strict=True):
-            V, W, _ = state[p]  # type: ignore[misc]
-            V, W = torch.cat([V, block], dim=1), torch.cat([W, new_W], dim=1)
-            nxt = None if V.shape[1] >= steps else next_directions(new_W, V)
-            if nxt is None or nxt.shape[1] == 0:  # done, or the Krylov space is invariant
-                out[p], state[p] = projection(V, W), None
-            else:
-                state[p] = (V, W, nxt)
-                unfinished.append(p)
-        active = unfinished
-    return out  # type: ignore[return-value]
+        current = torch.cat([bases[p].pending().T for p in active], dim=1)
+        products = counter.matmat(current)
+        offset = 0
+        for p in active:
+            basis = bases[p]
+            b = basis.b
+            basis.multiply(lambda src, dst, o=offset, b=b, out=products:
+                           dst.copy_(out[:, o:o + b].T))
+            offset += b
+            basis.absorb()
+        active = [p for p in active if bases[p].b and bases[p].size < steps]
+    return [orthonormal_projection(basis) for basis in bases]
