@@ -11,22 +11,30 @@ grows by concatenation copies itself at every step. Here:
 - **One buffer.** The vectors are rows of a ``(capacity, n)`` tensor allocated once; a
   step writes the products into the rows after the basis and turns them into the next
   vectors in place. A restart compresses the basis in place, in column chunks.
-- **One read per step.** After the products ``P = H B`` of the newest vectors ``B``, one
-  matrix product of the whole buffer with ``[B, P]`` gives both ``V^T P`` (the new
-  columns of the projection ``T = V^T H V``) and ``V^T B`` (the measured loss of
-  orthogonality of ``B`` to everything before it). Inner products are accumulated in
-  float64 over chunks of :data:`CHUNK` entries, so a float32 basis of 10^7 entries is
-  measured to about 1e-7 instead of 1e-5.
-- **Reorthogonalisation on evidence** (partial reorthogonalisation, Simon 1984): the next
-  vector is the product minus its large components (the Lanczos recurrence: the last
-  vectors, and after a restart the kept Ritz vectors); its overlap with every other basis
-  vector is then known exactly from the measured Gram matrix ``G = V^T V`` and ``V^T P``,
-  ``V^T R = V^T P - G_L c_L``. Only when that overlap exceeds
-  ``sqrt(eps)`` (semi-orthogonality) is a full Gram-Schmidt pass made, repeated while a
-  pass removes more than half of the vector (Daniel, Gragg, Kaufman & Stewart 1976).
-- **Exact Rayleigh-Ritz on the basis as it is.** Ritz pairs solve ``T s = theta G s``
-  with the measured ``G``, so a Ritz value is the Rayleigh quotient of its Ritz vector
-  ``V s`` whatever orthogonality was lost (``theta = u^T H u / u^T u`` to rounding).
+- **One sweep per product.** After the product ``P = H b`` of the newest vector ``b``,
+  one matrix-vector product of the buffer with ``P`` gives ``V^T P``: the new column of
+  the projection ``T = V^T H V``. (PyTorch's CPU matrix-matrix product of a few long
+  rows measured 5-20x slower than as many matrix-vector products, so every product with
+  the basis is done a row at a time.) Inner products and norms are accumulated in float64
+  over chunks of :data:`~hessdiag.curvature.linear.CHUNK` entries: a float32 norm of 10^7
+  entries summed in float32 is off by about 1e-3, enough to make a unit vector measurably
+  not unit.
+- **Reorthogonalisation on evidence** (in the spirit of partial reorthogonalisation,
+  Simon 1984, with measured instead of estimated inputs): the next vector is the product
+  minus its large components (the Lanczos recurrence: the last vectors, and after a
+  restart the kept Ritz vectors), then once more minus the components measured to be left
+  along those same vectors (rounding in the first subtraction lands mostly there). Its
+  overlap with every other basis vector follows from the kept Gram matrix ``G = V^T V``
+  and ``V^T P``: ``V^T R = V^T P - G_L c_L``, plus a bound on rounding. Only when that
+  overlap would exceed ``bound`` (``sqrt(eps)``, semi-orthogonality, or tighter when
+  asked) is a full Gram-Schmidt pass made, repeated while a pass removes more than half
+  of the vector (Daniel, Gragg, Kaufman & Stewart 1976); a remainder that stays
+  non-orthogonal is rounding noise (the space is exhausted in that direction) and is
+  dropped.
+- **Rayleigh-Ritz on the basis as it is.** Ritz pairs solve ``T s = theta G s`` with the
+  kept ``G``, so a Ritz value is the Rayleigh quotient of its Ritz vector ``V s`` up to
+  what ``G`` misses of the true Gram matrix (of the order of rounding, checked in the
+  tests against fresh products).
 - **Residuals from the recurrence.** Every product is written as ``H V = V K + Q R_b``:
   ``K`` holds the coefficients actually subtracted, ``Q`` the next (not yet multiplied)
   vectors and ``R_b`` their coupling. A Ritz pair's residual ``||H u - theta u||`` is
@@ -99,7 +107,7 @@ class KrylovBasis:
             if self.locked:
                 self.buf[: self.locked] = locked
         size = self.capacity
-        self.G = np.eye(size)       # V^T V: measured for rows with products, else predicted
+        self.G = np.eye(size)       # V^T V: measured where new vectors are made, else derived
         self.T = np.zeros((size, size))  # V^T H V (rows and columns with products)
         self.K = np.zeros((size, size))  # H V = V K: coefficients subtracted (and couplings)
         self.m = self.locked
