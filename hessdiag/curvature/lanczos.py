@@ -290,7 +290,7 @@ def _lanczos(op: Any, k: int, which: str, *, tol: float | None, max_hvps: int | 
     orthogonality = basis.loss
     if return_eigenvectors or len(idx) > 1:
         Y = basis.combine(S[:, idx[order]])
-        Y = Y / _rows_like(row_norms(Y), Y)[:, None]
+        Y.div_(_rows_like(row_norms(Y), Y)[:, None])  # in place: k vectors of size n
         if len(idx) > 1:
             gy = gram(Y, Y)
             orthogonality = max(orthogonality, float(np.max(np.abs(gy - np.eye(len(idx))))))
