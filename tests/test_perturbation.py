@@ -58,3 +58,28 @@ def test_a_radius_per_tensor_and_a_group_without_adaptive(vectors):
     torch.testing.assert_close(_flat(parts), 0.1 * t ** 2 * g / (t * g).norm())
     with pytest.raises(ValueError, match="rule must be one of"):
         perturbation("gsam", _split(g), rho=0.1)
+
+
+@pytest.mark.parametrize("radii", [[0.3, 0.3], [0.1, 0.2]])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_eigensam_diagnostics_match_the_perturbation_they_describe(vectors, radii,
+                                                                   renormalize):
+    from hessdiag.optim.perturbation import eigensam_perturbation
+
+    g, _, v = vectors
+    e, dot_ev, norm_e = eigensam_perturbation(_split(g), _split(v), radii, 0.5, renormalize)
+    torch.testing.assert_close(_flat(e), _flat(perturbation(
+        "eigensam", _split(g), rho=radii, eigenvector=_split(v), alpha=0.5,
+        renormalize=renormalize)))
+    assert float(dot_ev) == pytest.approx(float(_flat(e) @ v), abs=1e-14)
+    assert float(norm_e) == pytest.approx(float(_flat(e).norm()), abs=1e-14)
+
+
+def test_inner_products_of_large_float32_tensors_are_exact_float64_sums():
+    from hessdiag.optim.perturbation import _CHUNK, _dot
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2 * _CHUNK + 5, generator=gen) for _ in range(2))
+    exact = float(torch.dot(x.double(), y.double()))
+    assert float(_dot([x, y[:3]], [y, x[:3]], torch.device("cpu"))) == pytest.approx(
+        exact + float(y[:3].double() @ x[:3].double()), rel=1e-12)

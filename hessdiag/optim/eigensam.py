@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from hessdiag.curvature.linear import generator
 from hessdiag.curvature.operator import MODES, HessianOperator
 from hessdiag.curvature.power import power_steps
-from hessdiag.optim.perturbation import perturbation
+from hessdiag.optim.perturbation import eigensam_perturbation
 from hessdiag.optim.sam import SAM, _check_nonnegative
 
 
@@ -289,16 +289,13 @@ class EigenSAM(SAM):
                 "current weights before first_step"
             )
         self._grad_norm_t = self._grad_norm().detach()
-        e = perturbation("eigensam", [p.grad for _, p, _ in moved],
-                         rho=[group["rho"] for group, _, _ in moved],
-                         eigenvector=[v for _, _, v in moved], alpha=self.alpha,
-                         renormalize=self.renormalize)
+        # e with <e, v> and ||e|| (the alignment of what is applied; v has unit length)
+        # from the inner products e is made of: no pass over e for the diagnostics
+        e, dot_ev, norm_e = eigensam_perturbation(
+            [p.grad for _, p, _ in moved], [v for _, _, v in moved],
+            [float(group["rho"]) for group, _, _ in moved], self.alpha, self.renormalize)
         device = self._shared_device()
-        # alignment with v of what is actually applied (v has unit length)
-        self._dot_ev = torch.stack([torch.sum(x.double() * v.double()).to(device)
-                                    for x, (_, _, v) in zip(e, moved, strict=True)]).sum()
-        self._norm_e = torch.sqrt(torch.stack([torch.sum(x.double() ** 2).to(device)
-                                               for x in e]).sum())
+        self._dot_ev, self._norm_e = dot_ev.to(device), norm_e.to(device)
         return {p: x for (_, p, _), x in zip(moved, e, strict=True)}
 
     @torch.no_grad()
