@@ -66,7 +66,8 @@ def _contiguous(index: np.ndarray) -> bool:
     return len(index) > 0 and int(index[-1]) - int(index[0]) + 1 == len(index)
 
 
-def _rows(matrix: np.ndarray, like: Tensor) -> Tensor:
+def tensor_like(matrix: np.ndarray, like: Tensor) -> Tensor:
+    """``matrix`` as a tensor of ``like``'s dtype and device."""
     return torch.as_tensor(matrix, dtype=like.dtype, device=like.device)
 
 
@@ -74,7 +75,7 @@ def combine_into(coeffs: np.ndarray, A: Tensor, out: Tensor, subtract: bool = Fa
                  ) -> None:
     """``out[i] (-)= sum_j coeffs[j, i] A[j]``: one matrix-vector product per output row
     (see :func:`gram` for why not one matrix product)."""
-    C = _rows(coeffs, A)
+    C = tensor_like(coeffs, A)
     for i in range(out.shape[0]):
         if subtract:
             out[i].addmv_(A.T, C[:, i], alpha=-1.0)
@@ -141,11 +142,6 @@ class KrylovBasis:
 
     def pending(self) -> Tensor:
         return self.buf[self.m : self.m + self.b]
-
-    def room(self) -> int:
-        """Rows free after the basis and its pending block (for the next block's products
-        and the block after)."""
-        return self.capacity - (self.m + self.b)
 
     def grow(self, rows: int) -> None:
         """Make room for ``rows`` more rows (a copy: used only when a block outgrows the

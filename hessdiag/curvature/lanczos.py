@@ -59,7 +59,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessdiag.curvature.krylov import KrylovBasis, gram, products_into, row_norms
+from hessdiag.curvature.krylov import (
+    KrylovBasis,
+    gram,
+    products_into,
+    row_norms,
+    tensor_like,
+)
 from hessdiag.curvature.linear import (
     Counter,
     OperatorInfo,
@@ -290,7 +296,7 @@ def _lanczos(op: Any, k: int, which: str, *, tol: float | None, max_hvps: int | 
     orthogonality = basis.loss
     if return_eigenvectors or len(idx) > 1:
         Y = basis.combine(S[:, idx[order]])
-        Y.div_(_rows_like(row_norms(Y), Y)[:, None])  # in place: k vectors of size n
+        Y.div_(tensor_like(row_norms(Y), Y)[:, None])  # in place: k vectors of size n
         if len(idx) > 1:
             gy = gram(Y, Y)
             orthogonality = max(orthogonality, float(np.max(np.abs(gy - np.eye(len(idx))))))
@@ -318,10 +324,6 @@ def _lanczos(op: Any, k: int, which: str, *, tol: float | None, max_hvps: int | 
                   "product_seconds": counter.product_seconds,
                   "solver_seconds": max(0.0, seconds - counter.product_seconds)},
     )
-
-
-def _rows_like(values: np.ndarray, like: Tensor) -> Tensor:
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device)
 
 
 class _OnDevice:
