@@ -9,9 +9,11 @@ bug: the one line points to ``--debug`` for the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -86,6 +88,13 @@ JSON_OPTION = typer.Option(False, "--json", help="JSON on stdout (one object per
                            "nothing else.")
 QUIET_OPTION = typer.Option(False, "--quiet", help="No progress bar.")
 DEBUG_OPTION = typer.Option(False, "--debug", help="Show tracebacks.")
+UNSAFE_OPTION = typer.Option(False, "--unsafe-load", help="Trust the files' code: unpickle "
+                             "checkpoints that hold pickled Python objects, and import the "
+                             "factory specs (module:factory, file.py:factory) a checkpoint "
+                             "or baseline records. Both run code: only for files you trust; "
+                             "naming a spec with --model/--data/--loss runs only that one.")
+NONFINITE_OPTION = typer.Option(False, "--allow-nonfinite", help="Measure a checkpoint whose "
+                                "weights hold NaN or inf (refused by default).")
 
 
 # settings of a spectrum measurement, shared by spectrum and baseline
@@ -131,8 +140,11 @@ def flag(param: str) -> str:
 
 def translate(exc: BaseException) -> str:
     """An error's first line, with the library parameters it names as options."""
-    message = first_line(exc, 400)
-    params = getattr(exc, "param", None)
+    return translate_text(first_line(exc, 2000), getattr(exc, "param", None))
+
+
+def translate_text(message: str, params: str | tuple[str, ...] | None) -> str:
+    """``message`` with the library parameters ``params`` written as options."""
     for param in ([params] if isinstance(params, str) else list(params or [])):
         option = flag(param)
         message = re.sub(rf"(?<![\w-]){re.escape(param)}=True(?![\w-])", option, message)
@@ -167,12 +179,23 @@ def handles_errors(func: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
         try:
-            return func(*args, **kwargs)
+            _require_utf8(kwargs)
+            with _trusted_code_warnings():
+                return func(*args, **kwargs)
         except typer.Exit:
             raise
         except KeyboardInterrupt:
             render.stderr.print(f"{_rank_prefix()}interrupted")
             raise typer.Exit(130) from None
+        except SystemExit as exc:  # user code (a factory, a loss) called sys.exit
+            if debug:
+                raise
+            render.stderr.print(f"{_rank_prefix()}[bold red]stopped:[/bold red] code run for "
+                                f"this command (a model, data or loss factory) raised "
+                                f"SystemExit({render.escape(repr(exc.code))}) before it "
+                                "finished: nothing was decided (rerun with --debug for the "
+                                "traceback)", soft_wrap=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
         except (ValueError, OSError) as exc:  # InputError and every error about the input
             if debug:
                 raise
@@ -194,6 +217,45 @@ def handles_errors(func: Callable) -> Callable:
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def _require_utf8(kwargs: dict[str, Any]) -> None:
+    """Every path and text argument must be UTF-8 (an undecodable file name reaches Python
+    as surrogates, which fail only when printed or stored, after the work is done)."""
+    for name, value in kwargs.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if not isinstance(item, str | Path):
+                continue
+            try:
+                str(item).encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(str(item)).decode("ascii", "backslashreplace")
+                raise InputError(f"{name.replace('_', '-')} {shown} is not valid UTF-8: hessdiag "
+                                 "records every path in its results and store as text; "
+                                 "rename the file or folder") from None
+
+
+@contextlib.contextmanager
+def _trusted_code_warnings() -> Any:
+    """Code a file names runs only when trusted; say so on stderr, before it runs."""
+    import warnings
+
+    from hessdiag.specs import TrustedCodeWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TrustedCodeWarning)
+        shown = warnings.showwarning
+
+        def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, TrustedCodeWarning):
+                render.stderr.print(f"{_rank_prefix()}[yellow]warning:[/yellow] "
+                                    f"{render.escape(translate_text(str(message), 'unsafe'))}",
+                                    soft_wrap=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
 
 
 def _rank_prefix() -> str:
@@ -348,9 +410,8 @@ def spectrum(
     plot: Path | None = typer.Option(None, "--plot", help="Write the density figure here "
                                      "(PNG; needs --density; with several checkpoints, "
                                      "one file each, numbered)."),
-    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="Allow checkpoints that "
-                                     "hold pickled Python objects. Unpickling runs code: "
-                                     "only for files you trust."),
+    unsafe_load: bool = UNSAFE_OPTION,
+    allow_nonfinite: bool = NONFINITE_OPTION,
     as_json: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
     debug: bool = DEBUG_OPTION,
@@ -383,16 +444,15 @@ def spectrum(
     # every input is checked before anything is computed or written
     for path in checkpoints:
         check_settings(load_task(str(path), data=data_settings, model_spec=model, loss=loss,
-                                 unsafe=unsafe_load), settings)
-    if unsafe_load:
-        render.stderr.print("[yellow]warning:[/yellow] --unsafe-load: pickled objects in "
-                            "these checkpoints were allowed to run code")
+                                 unsafe=unsafe_load, allow_nonfinite=allow_nonfinite),
+                       settings)
     for n, path in enumerate(checkpoints):
         done = with_progress(
             not quiet and not as_json, path.name,
             lambda progress, path=path: analyse_checkpoint(
                 str(path), settings=settings, data=data_settings, model_spec=model, loss=loss,
-                unsafe=unsafe_load, store=target, progress=progress),
+                unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, store=target,
+                progress=progress),
         )
         figure = None
         if plot is not None:
@@ -442,8 +502,8 @@ def sharpness(
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     store: Path = STORE_OPTION,
-    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="Allow checkpoints that "
-                                     "hold pickled Python objects (runs code)."),
+    unsafe_load: bool = UNSAFE_OPTION,
+    allow_nonfinite: bool = NONFINITE_OPTION,
     as_json: bool = JSON_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -466,11 +526,12 @@ def sharpness(
     target.check_writable()
     for path in checkpoints:
         load_task(str(path), data=data_settings, model_spec=model, loss=loss,
-                  unsafe=unsafe_load)
+                  unsafe=unsafe_load, allow_nonfinite=allow_nonfinite)
     for path in checkpoints:
         result, task, analysis_id = sharpness_of_checkpoint(
             str(path), measure, rho=rho, steps=steps, data=data_settings, model_spec=model,
-            loss=loss, unsafe=unsafe_load, dtype=dtype, device=device, store=target)
+            loss=loss, unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, dtype=dtype,
+            device=device, store=target)
         if as_json:
             render.emit_json({"checkpoint": str(path), **result.to_dict(),
                               "analysis_id": analysis_id})
@@ -534,8 +595,8 @@ def landscape(
                                 "finished points are kept beside the store)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also draw the landscape here "
                                      "(.png, .svg or .pdf)."),
-    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="Allow checkpoints that "
-                                     "hold pickled Python objects (runs code)."),
+    unsafe_load: bool = UNSAFE_OPTION,
+    allow_nonfinite: bool = NONFINITE_OPTION,
     as_json: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
     debug: bool = DEBUG_OPTION,
@@ -566,12 +627,13 @@ def landscape(
     target = Store(store)
     target.check_writable()
     load_task(str(checkpoint), data=data_settings, model_spec=model, loss=loss,
-              unsafe=unsafe_load)  # every input checked before the grid starts
+              unsafe=unsafe_load, allow_nonfinite=allow_nonfinite)  # checked before the grid
 
     def job(progress: Any) -> Any:
         return landscape_of_checkpoint(
             str(checkpoint), settings=settings, data=data_settings, model_spec=model,
-            loss=loss, unsafe=unsafe_load, store=target, resume=resume, progress=progress)
+            loss=loss, unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, store=target,
+            resume=resume, progress=progress)
 
     result, task, analysis_id = with_points_progress(not quiet and not as_json,
                                                      checkpoint.name, job)
@@ -651,8 +713,10 @@ def train(
                                         help="Checkpoints go to DIR/<run>/."),
     init_from: Path | None = typer.Option(TRAIN.init_from, "--from", help="Fine-tune from this "
                                           "checkpoint."),
-    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="--from: allow a checkpoint "
-                                     "that holds pickled Python objects (runs code)."),
+    unsafe_load: bool = typer.Option(False, "--unsafe-load", help="Trust the files' code: "
+                                     "a pickled --from checkpoint, and the factory specs "
+                                     "a --from checkpoint or a resumed run records (runs "
+                                     "code: only for files you trust)."),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run from its "
                                       "last checkpoint."),
     sync_perturbation: bool = typer.Option(TRAIN.sync_perturbation, "--sync-perturbation",
@@ -761,6 +825,8 @@ def align(
     timeout: float | None = typer.Option(None, "--timeout", help="--follow: give up after "
                                          "this many seconds without a new checkpoint."),
     store: Path = STORE_OPTION,
+    unsafe_load: bool = UNSAFE_OPTION,
+    allow_nonfinite: bool = NONFINITE_OPTION,
     as_json: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
     debug: bool = DEBUG_OPTION,
@@ -805,7 +871,8 @@ def align(
         done = with_progress(not quiet and not as_json, path.name,
                              lambda progress: align_checkpoint(
                                  str(path), settings=settings, data=data_settings,
-                                 model_spec=model, loss=loss, store=target_store,
+                                 model_spec=model, loss=loss, unsafe=unsafe_load,
+                                 allow_nonfinite=allow_nonfinite, store=target_store,
                                  progress=progress))
         if as_json:
             render.emit_json({"checkpoint": str(path), "step": done.task.checkpoint.step,
@@ -887,6 +954,8 @@ def baseline(
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     seed: int = SEED_OPTION,
+    unsafe_load: bool = UNSAFE_OPTION,
+    allow_nonfinite: bool = NONFINITE_OPTION,
     as_json: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
     debug: bool = DEBUG_OPTION,
@@ -894,9 +963,10 @@ def baseline(
     """Record sharpness metrics of a checkpoint, with every setting that produced them,
     as the baseline `hessdiag check` compares with. Exit 2 (nothing written) when an
     eigenvalue does not converge within --max-hvps products."""
-    from hessdiag.check import DEFAULT_METRICS, make_baseline, write_baseline
+    from hessdiag.check import DEFAULT_METRICS, check_metrics, make_baseline, write_baseline
 
     _join(device)
+    check_metrics(tuple(metric or ()))
     settings = SpectrumSettings(top_k=top_k, trace_hvps=trace_hvps, tol=tol,
                                 max_hvps=max_hvps,
                                 hvp_mode=hvp_mode, dtype=dtype, device=device, seed=seed,
@@ -907,7 +977,8 @@ def baseline(
     made = with_progress(not quiet and not as_json, checkpoint.name, lambda progress:
                          make_baseline(str(checkpoint), metrics=tuple(metric or DEFAULT_METRICS),
                                        settings=settings, data=data_settings, model_spec=model,
-                                       loss=loss, progress=progress))
+                                       loss=loss, unsafe=unsafe_load,
+                                       allow_nonfinite=allow_nonfinite, progress=progress))
     from hessdiag.distributed import is_main
 
     path = write_baseline(made, output) if is_main() else output  # rank 0 writes
@@ -938,11 +1009,18 @@ def check(
         f"the baseline's; {CHECK_MAX_HVPS} without one")),
     junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML here (one test "
                                       "case per metric)."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="Also fail when a sharpness "
+                                          "metric fell by more than this fraction of its "
+                                          "baseline beyond the noise (default: a warning "
+                                          "beyond 0.5): a saturated or damaged model looks "
+                                          "flat too."),
     store: Path | None = typer.Option(None, "--store", help="Also append the measurement "
                                       "to this store."),
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
+    unsafe_load: bool = UNSAFE_OPTION,
+    allow_nonfinite: bool = NONFINITE_OPTION,
     as_json: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
     debug: bool = DEBUG_OPTION,
@@ -954,24 +1032,27 @@ def check(
     import os
 
     from hessdiag.check import check as run_check
-    from hessdiag.check import junit_xml, read_baseline
+    from hessdiag.check import check_metrics, junit_xml, read_baseline
     from hessdiag.store import Store
 
     _join()
+    check_metrics(tuple(metric or ()))
     base = None if baseline_source is None else read_baseline(baseline_source,
                                                                tuple(metric or ()))
     target = None
     if store is not None:
         target = Store(store)
         target.check_writable()
-    data_settings = DataSettings(spec=data) if base is None else None
+    data_settings = DataSettings(spec=data) if base is None or data is not None else None
     result = with_progress(not quiet and not as_json, checkpoint.name, lambda progress:
                            run_check(str(checkpoint), baseline=base, rtol=rtol,
                                      metrics=tuple(metric) if metric else None,
                                      max_lambda=max_lambda, max_trace=max_trace,
                                      max_ratio=max_ratio, data=data_settings,
                                      model_spec=model, loss=loss, seed=seed,
-                                     max_hvps=max_hvps, store=target, progress=progress))
+                                     max_hvps=max_hvps, max_drop=max_drop,
+                                     unsafe=unsafe_load, allow_nonfinite=allow_nonfinite,
+                                     store=target, progress=progress))
     from hessdiag.distributed import is_main
 
     if junit is not None and is_main():  # across processes, rank 0 writes
@@ -986,6 +1067,9 @@ def check(
         render.emit_json({"checkpoint": str(checkpoint), **result.to_dict()})
     else:
         render.stdout.print(render.check_table(result, str(checkpoint)))
+        for warning in result.warnings:
+            text = render.escape(translate_text(warning, "max_drop"))
+            render.stderr.print(f"[yellow]warning:[/yellow] {text}", soft_wrap=True)
     if not result.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -1081,6 +1165,8 @@ def export(
                                     "table (analyses.csv, eigenvalues.csv, layers.csv, "
                                     "runs.csv, ...; default: analyses.csv on stdout); json: "
                                     "a file (default: stdout)."),
+    force: bool = typer.Option(False, "--force", help="Replace the files of an earlier "
+                               "export at --out."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Flat tables of everything in a store, for pandas and spreadsheets."""
@@ -1092,16 +1178,28 @@ def export(
     if not store.exists():
         raise InputError(f"store {store} does not exist")
     tables = flat_tables(Store(store))
+    if out is not None and not force:
+        there = [out] if fmt == "json" and out.exists() else [
+            out / f"{n}.csv" for n in tables if (out / f"{n}.csv").exists()] \
+            if out.is_dir() else ([out] if out.exists() else [])
+        if there:
+            raise InputError(f"--out {out}: {there[0]} already exists (an earlier export?); "
+                             "pass --force to replace it, or choose another --out")
     if fmt == "json":
         text = json.dumps(tables, default=render.json_default, indent=1) + "\n"
         if out is None:
             sys.stdout.write(text)
         else:
-            out.write_text(text)
+            from hessdiag._files import replacing
+
+            with replacing(out) as tmp:
+                tmp.write_text(text)
         return
     if out is None:
         render.write_csv(sys.stdout, tables["analyses"])
         return
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: csv exports to a directory")
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in tables.items():
         with open(out / f"{name}.csv", "w", newline="") as fh:

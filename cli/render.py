@@ -296,7 +296,8 @@ def baseline_table(baseline, path: str) -> Table:
 
 
 def check_table(result, checkpoint: str) -> Table:
-    verdict = "[green]pass[/green]" if result.passed else "[bold red]SHARPER[/bold red]"
+    verdict = ("[green]pass[/green]" if result.passed
+               else f"[bold red]{result.verdict.upper()}[/bold red]")
     table = Table(title=f"hessdiag check {checkpoint}: {verdict}", title_justify="left")
     for name in ("metric", "baseline", "now", "change", "limit", "noise", "verdict"):
         table.add_column(name, justify="left" if name in ("metric", "verdict") else "right")
@@ -304,9 +305,10 @@ def check_table(result, checkpoint: str) -> Table:
         change = "-" if row.change is None else f"{row.change:+.1%}"
         table.add_row(row.metric, fmt(row.baseline, 6), fmt(row.now, 6), change,
                       fmt(row.limit, 6), fmt(row.noise, 2),
-                      "pass" if row.passed else "[bold red]sharper[/bold red]")
+                      "pass" if row.passed else f"[bold red]{row.verdict}[/bold red]")
+    drop = "" if result.max_drop is None else f"; max drop {result.max_drop:g}"
     table.caption = (f"baseline {result.baseline_source or '(absolute limits only)'}; rtol "
-                     f"{result.rtol:g}; noise: residuals of eigenvalues, 1.645 combined s.e. "
+                     f"{result.rtol:g}{drop}; noise: residuals of eigenvalues, 1.645 combined s.e. "
                      f"of stochastic metrics; {result.result.hvps} HVPs in "
                      f"{result.result.seconds:.1f} s")
     table.caption_justify = "left"

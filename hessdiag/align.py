@@ -59,7 +59,8 @@ class CheckpointAlignment:
 
 def align_checkpoint(path: str, *, settings: AlignSettings | None = None,
                      data: DataSettings | None = None, model_spec: str | None = None,
-                     loss: str | None = None, unsafe: bool = False, store: Any = None,
+                     loss: str | None = None, unsafe: bool = False,
+                     allow_nonfinite: bool = False, store: Any = None,
                      progress: Callable[[int, int], None] | None = None
                      ) -> CheckpointAlignment:
     """Alignment at one checkpoint; written to ``store`` (kind ``alignment``, with the
@@ -67,7 +68,8 @@ def align_checkpoint(path: str, *, settings: AlignSettings | None = None,
     ``settings.samples`` samples, the minibatches come from the whole split."""
     result, task = checkpoint_alignment(path, settings=settings or AlignSettings(),
                                         data=data or DataSettings(), model_spec=model_spec,
-                                        loss=loss, unsafe=unsafe, progress=progress)
+                                        loss=loss, unsafe=unsafe,
+                                        allow_nonfinite=allow_nonfinite, progress=progress)
     analysis_id = None
     if store is not None and is_main():  # across processes, rank 0 writes
         origin = provenance(task)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ METRICS = ("lambda_max", "lambda_min", "lambda_ratio", "trace", "top_k", "alignm
 SHARPNESS_METRICS = {"critical_sharpness": "critical", "adaptive_sharpness": "adaptive"}
 DEFAULT_METRICS = ("lambda_max", "trace")
 Z_ONE_SIDED_95 = 1.6448536269514722
+# a sharpness metric that fell by more than this passes with a warning (unless max_drop)
+WARN_DROP = 0.5
 
 
 class NotConverged(InputError):
@@ -109,6 +112,16 @@ class MetricCheck:
     noise: float
     passed: bool
     reason: str
+    warning: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """``pass``, ``sharper``, ``dropped`` (beyond ``max_drop``) or ``lower`` (alignment)."""
+        if self.passed:
+            return "pass"
+        if self.reason.startswith("dropped"):
+            return "dropped"
+        return "lower" if self.reason.startswith("below") else "sharper"
 
     @property
     def change(self) -> float | None:
@@ -127,14 +140,28 @@ class CheckResult:
     rtol: float
     settings: dict[str, Any] = field(default_factory=dict)
 
+    max_drop: float | None = None
+
     @property
     def passed(self) -> bool:
         return all(row.passed for row in self.rows)
 
+    @property
+    def verdict(self) -> str:
+        """``pass``, or what failed: ``sharper`` and/or ``dropped``/``lower``."""
+        failed = dict.fromkeys(row.verdict for row in self.rows if not row.passed)
+        return " and ".join(failed) if failed else "pass"
+
+    @property
+    def warnings(self) -> list[str]:
+        return [row.warning for row in self.rows if row.warning]
+
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "baseline": self.baseline_source, "rtol": self.rtol,
-                "metrics": [{**asdict(row), "change": row.change} for row in self.rows],
-                "settings": self.settings}
+        return {"passed": self.passed, "verdict": self.verdict,
+                "baseline": self.baseline_source, "rtol": self.rtol, "max_drop": self.max_drop,
+                "metrics": [{**asdict(row), "change": row.change, "verdict": row.verdict}
+                            for row in self.rows],
+                "warnings": self.warnings, "settings": self.settings}
 
     def table(self) -> str:
         """The rows as plain text (for JUnit messages, assertions and logs)."""
@@ -143,7 +170,7 @@ class CheckResult:
         for r in self.rows:
             lines.append((r.metric, _fmt(r.baseline), _fmt(r.now),
                           "-" if r.change is None else f"{r.change:+.1%}", _fmt(r.limit),
-                          _fmt(r.noise), ("pass" if r.passed else "SHARPER") +
+                          _fmt(r.noise), ("pass" if r.passed else r.verdict.upper()) +
                           (f" ({r.reason})" if r.reason else "")))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
         return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True))
@@ -224,9 +251,17 @@ def _noise(base: dict[str, Any], now: dict[str, Any], i: int | None = None) -> f
     return pick(base, "residual") + pick(now, "residual")
 
 
-def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float
-            ) -> list[MetricCheck]:
-    """Rows comparing ``measured`` with baseline ``metrics`` (see the module docstring)."""
+def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float,
+            max_drop: float | None = None) -> list[MetricCheck]:
+    """Rows comparing ``measured`` with baseline ``metrics`` (see the module docstring).
+
+    A sharpness metric that fell below ``baseline * (1 - max_drop) - noise`` fails the
+    row (``dropped``) when ``max_drop`` is given; without it, a fall beyond
+    :data:`WARN_DROP` passes with a warning. A model whose logits saturated, or weights
+    that were zeroed, looks flat: a large drop is rarely the improvement it seems."""
+    if max_drop is not None and not 0 < max_drop < 1:
+        raise InputError(f"max_drop must be a fraction in (0, 1); got {max_drop}",
+                         param="max_drop")
     rows = []
     for name, base in metrics.items():
         now = measured[name]
@@ -248,9 +283,28 @@ def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float
             else:
                 limit = b * (1 + rtol) + noise if b >= 0 else b * (1 - rtol) + noise
                 ok = n <= limit
-            rows.append(MetricCheck(label, b, n, limit, noise, ok, "" if ok else (
-                "below" if name == "alignment" else "beyond") + f" rtol {rtol:g} and noise"))
+            reason = "" if ok else ("below" if name == "alignment" else "beyond") + \
+                f" rtol {rtol:g} and noise"
+            warning = ""
+            if ok and name != "alignment":
+                ok, reason, warning = _drop(label, b, n, noise, max_drop)
+            rows.append(MetricCheck(label, b, n, limit, noise, ok, reason, warning))
     return rows
+
+
+def _drop(label: str, b: float, n: float, noise: float, max_drop: float | None
+          ) -> tuple[bool, str, str]:
+    """``(passed, reason, warning)`` of a sharpness metric that may have fallen: its
+    magnitude against ``|b| * (1 - drop) - noise``."""
+    drop = WARN_DROP if max_drop is None else max_drop
+    if not abs(n) < abs(b) * (1 - drop) - noise:
+        return True, "", ""
+    fell = 1 - abs(n) / abs(b)
+    if max_drop is not None:
+        return False, f"dropped {fell:.1%}, beyond max_drop {max_drop:g} and noise", ""
+    return True, "", (f"{label} fell {fell:.1%} below its baseline ({_fmt(b)} -> {_fmt(n)}): "
+                      "a model whose outputs saturated or whose weights were damaged looks "
+                      "flat too; set max_drop to fail on such a drop")
 
 
 def _absolute(measured: dict[str, Any], limits: dict[str, float | None]) -> list[MetricCheck]:
@@ -387,7 +441,7 @@ def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
                   settings: SpectrumSettings | None = None, data: DataSettings | None = None,
                   align: AlignSettings | None = None, model_spec: str | None = None,
                   loss: str | None = None, unsafe: bool = False,
-                  progress: Any = None) -> Baseline:
+                  allow_nonfinite: bool = False, progress: Any = None) -> Baseline:
     """Measure ``metrics`` of a checkpoint and record how (see the module docstring);
     ``align`` sets how the ``alignment`` metric is measured (default
     :class:`~hessdiag.settings.AlignSettings`). Default ``settings``: those of
@@ -397,7 +451,8 @@ def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     settings = _settings_for(metrics, settings or SpectrumSettings(max_hvps=CHECK_MAX_HVPS))
     data = data or DataSettings()
     align = (align or AlignSettings()) if "alignment" in metrics else None
-    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe,
+                     allow_nonfinite=allow_nonfinite)
     _, values = _measure(task, checkpoint, metrics, settings, data, align, model_spec, loss,
                          unsafe, progress, baseline=True)
     origin = provenance(task)
@@ -421,9 +476,26 @@ def write_baseline(baseline: Baseline, path: str | Path) -> Path:
     if path.parent and not path.parent.is_dir():
         raise InputError(f"cannot write the baseline {path}: directory {path.parent} does not "
                          "exist", param="output")
+    payload = baseline.to_json()
+    payload["checkpoint"] = _portable(payload.get("checkpoint") or {}, path)
     with replacing(path) as tmp:
-        tmp.write_text(json.dumps(baseline.to_json(), indent=1) + "\n")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def _portable(checkpoint: dict[str, Any], baseline_path: Path) -> dict[str, Any]:
+    """The checkpoint record with its path relative to the baseline's folder (POSIX
+    separators), so that a committed baseline reads the same in every clone; the sha256
+    says which bytes were measured."""
+    out = dict(checkpoint)
+    where = out.get("path")
+    if where:
+        folder = baseline_path.resolve().parent
+        try:
+            out["path"] = Path(os.path.relpath(Path(where).resolve(), folder)).as_posix()
+        except ValueError:  # another drive (Windows): keep it as it was
+            pass
+    return out
 
 
 def read_baseline(source: str, metrics: tuple[str, ...] | None = None) -> Baseline:
@@ -454,7 +526,8 @@ def read_baseline(source: str, metrics: tuple[str, ...] | None = None) -> Baseli
             metrics=payload["metrics"], task=payload["task"],
             data=DataSettings(**payload["data"]), settings=SpectrumSettings(**payload["settings"]),
             align=AlignSettings(**payload["align"]) if payload.get("align") else None,
-            checkpoint=payload.get("checkpoint") or {}, created=payload.get("created", ""),
+            checkpoint=_located(payload.get("checkpoint") or {}, path),
+            created=payload.get("created", ""),
             versions=payload.get("versions") or {}, source=f"file:{source}")
     except (KeyError, TypeError) as exc:
         raise InputError(f"baseline {source} is corrupted (missing or unknown field: {exc}); "
@@ -462,7 +535,27 @@ def read_baseline(source: str, metrics: tuple[str, ...] | None = None) -> Baseli
     return _select(baseline, metrics)
 
 
+def _located(checkpoint: dict[str, Any], baseline_path: Path) -> dict[str, Any]:
+    """The checkpoint record with a relative path resolved against the baseline's folder."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError("checkpoint is not a mapping")
+    out = dict(checkpoint)
+    where = out.get("path")
+    if isinstance(where, str) and where and not Path(where).is_absolute():
+        out["path"] = str((baseline_path.parent / where).resolve())
+    return out
+
+
+def check_metrics(metrics: tuple[str, ...] | None) -> None:
+    """:class:`InputError` for a name that is not one of :data:`METRICS`."""
+    for m in metrics or ():
+        if m not in METRICS:
+            raise InputError(f"unknown metric {m!r} given as metric; known: "
+                             f"{', '.join(METRICS)}", param="metric")
+
+
 def _select(baseline: Baseline, metrics: tuple[str, ...] | None) -> Baseline:
+    check_metrics(metrics)
     if not metrics:
         return baseline
     missing = [m for m in metrics if m not in baseline.metrics]
@@ -514,14 +607,19 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
           max_ratio: float | None = None, settings: SpectrumSettings | None = None,
           data: DataSettings | None = None, model_spec: str | None = None,
           loss: str | None = None, seed: int | None = None, max_hvps: int | None = None,
-          unsafe: bool = False, store: Store | None = None, progress: Any = None
-          ) -> CheckResult:
+          max_drop: float | None = None, unsafe: bool = False, allow_nonfinite: bool = False,
+          store: Store | None = None, progress: Any = None) -> CheckResult:
     """Measure ``checkpoint`` with the baseline's settings (or ``settings`` without a
     baseline, default :class:`~hessdiag.settings.SpectrumSettings` with ``max_hvps``
     :data:`CHECK_MAX_HVPS`) and compare (see the module docstring). ``seed`` overrides
     the seed, ``max_hvps`` the budget of each eigenvalue solve (a larger budget changes
     no converged value). Raises :class:`NotConverged` when an eigenvalue does not
-    converge within the budget: nothing is compared."""
+    converge within the budget: nothing is compared. ``max_drop`` fails a metric that fell
+    by more than this fraction (see :func:`compare`).
+
+    The baseline is data, never code: a data *factory* spec it records is imported only
+    when ``data.spec`` names the same spec, or with ``unsafe`` (see :mod:`hessdiag.specs`);
+    ``data`` naming other data is refused, since nothing would compare."""
     if not rtol >= 0:
         raise InputError(f"rtol must be non-negative; got {rtol}", param="rtol")
     limits = {"lambda_max": max_lambda, "trace": max_trace, "lambda_ratio": max_ratio}
@@ -529,9 +627,22 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
         raise InputError("nothing to check against: give a baseline or an absolute limit "
                          "(max_lambda, max_trace or max_ratio)",
                          param=("baseline", "max_lambda", "max_trace", "max_ratio"))
+    if max_drop is not None and not 0 < max_drop < 1:
+        raise InputError(f"max_drop must be a fraction in (0, 1); got {max_drop}",
+                         param="max_drop")
     if baseline is not None:
         baseline = _select(baseline, metrics)
         wanted = tuple(baseline.metrics)
+        named = data.spec if data is not None else None
+        if named is not None and named != baseline.data.spec:
+            raise InputError(f"the baseline was measured on data {baseline.data.spec!r}, not "
+                             f"{named!r}: nothing would compare (record a new baseline, or "
+                             "do not pass data)", param="data")
+        if named is None:
+            from hessdiag.specs import recorded
+
+            recorded(baseline.data.spec, what="data spec", source=f"baseline "
+                     f"{baseline.source.split(':', 1)[-1]}", option="data", trusted=unsafe)
         settings, data = baseline.settings, baseline.data
     else:
         wanted = ()
@@ -544,7 +655,8 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
     if max_hvps is not None:
         settings = replace(settings, max_hvps=max_hvps)
     settings = _settings_for(wanted_all, settings)
-    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe)
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe,
+                     allow_nonfinite=allow_nonfinite)
     if baseline is not None:
         _same_task(baseline, task, checkpoint)
     align = None
@@ -554,7 +666,7 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
             align = replace(align, seed=seed)
     result, measured = _measure(task, checkpoint, wanted_all, settings, data, align,
                                 model_spec, loss, unsafe, progress)
-    rows = [] if baseline is None else compare(baseline.metrics, measured, rtol)
+    rows = [] if baseline is None else compare(baseline.metrics, measured, rtol, max_drop)
     rows += _absolute(measured, limits)
     if store is not None and is_main():  # across processes, rank 0 writes
         from hessdiag.records import write_spectrum
@@ -564,8 +676,8 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
         write_spectrum(store, result, origin)
     return CheckResult(rows=tuple(rows), result=result,
                        baseline_source=None if baseline is None else baseline.source,
-                       rtol=rtol, settings={"spectrum": asdict(settings),
-                                            "data": asdict(data)})
+                       rtol=rtol, max_drop=max_drop,
+                       settings={"spectrum": asdict(settings), "data": asdict(data)})
 
 
 def _same_task(baseline: Baseline, task: Task, checkpoint: str) -> None:

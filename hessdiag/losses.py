@@ -38,7 +38,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from hessdiag._errors import InputError
-from hessdiag.specs import is_factory_spec, load_factory
+from hessdiag.specs import call_factory, is_factory_spec, load_factory
 
 IGNORE_INDEX = -100
 NAMES = ("cross-entropy", "nll", "bce", "mse")
@@ -203,7 +203,7 @@ def resolve_loss(spec: str | Loss | None, default: str = "cross-entropy") -> Los
 
 
 def _from_factory(spec: str) -> Loss:
-    fn = load_factory(spec, "loss")()
+    fn = call_factory(load_factory(spec, "loss"), spec, "loss")
     if not callable(fn):
         raise InputError(f"loss spec {spec!r}: the factory returned a {type(fn).__name__}, not "
                          "a callable loss_fn(outputs, targets)", param="loss")

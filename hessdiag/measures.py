@@ -474,6 +474,7 @@ def optimizer_eigenvector(task: Any) -> Tensor | None:
 
 def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str | None = None,
                          loss: str | None = None, unsafe: bool = False,
+                         allow_nonfinite: bool = False,
                          progress: Callable[[int, int], None] | None = None
                          ) -> tuple[AlignmentResult, Any]:
     """The alignment at a checkpoint (``hessdiag align``, ``hessdiag check``):
@@ -487,7 +488,8 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
     from hessdiag.task import load_data, load_task
 
     task = load_task(path, data=replace(data, samples=settings.samples), model_spec=model_spec,
-                     loss=loss, unsafe=unsafe)
+                     loss=loss, unsafe=unsafe,
+                     allow_nonfinite=allow_nonfinite)
     config = task.extra.get("config") or {}
     alpha = settings.alpha if settings.alpha is not None else float(config.get("alpha", 0.2))
     eigenvector = optimizer_eigenvector(task)
@@ -497,7 +499,8 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
                          "the optimizer's own perturbation; use rule eigensam-exact",
                          param="rule")
     full = task.data if task.data.batches is not None else load_data(
-        replace(data, samples=None), task.checkpoint.data, where=f"checkpoint {path}")
+        replace(data, samples=None), task.checkpoint.data, where=f"checkpoint {path}",
+        trusted=unsafe)
     minibatches = random_minibatches(full, settings.batches, settings.batch_size,
                                      settings.seed)
     from hessdiag.distributed import collective

@@ -122,11 +122,16 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_data(data: DataSettings, recorded: dict[str, Any] | None = None,
-              where: str = "") -> DataInfo:
+              where: str = "", *, trusted: bool = False) -> DataInfo:
     """The data of ``data``, falling back to a checkpoint's ``recorded`` data spec (and its
-    root, when the spec is not overridden)."""
+    root, when the spec is not overridden). A recorded factory spec is imported only when
+    ``trusted`` (see :mod:`hessdiag.specs`)."""
+    from hessdiag.specs import recorded as recorded_spec
+
     recorded = recorded or {}
-    spec = data.spec or recorded.get("spec")
+    spec = data.spec or recorded_spec(recorded.get("spec"), what="data spec",
+                                      source=where or "the checkpoint", option="data",
+                                      trusted=trusted)
     if spec is None:
         raise InputError(f"{where or 'the checkpoint'} does not record its data: pass data "
                          "(see `hessdiag datasets`)", param="data")
@@ -138,15 +143,26 @@ def load_data(data: DataSettings, recorded: dict[str, Any] | None = None,
 
 def load_task(checkpoint: str, *, data: DataSettings | None = None,
               model_spec: str | None = None, model_kwargs: dict[str, Any] | None = None,
-              loss: str | None = None, unsafe: bool = False, check: bool = True) -> Task:
+              loss: str | None = None, unsafe: bool = False,
+              allow_nonfinite: bool = False, check: bool = True) -> Task:
     """The task of a checkpoint: its model with its weights, its data (or ``data.spec``)
     and its loss (or ``loss``; else the data's default loss, else cross-entropy). Checks
-    every part before returning (:meth:`Task.check`)."""
+    every part before returning (:meth:`Task.check`).
+
+    The checkpoint is data, never code: a model, data or loss *factory* spec it records
+    is imported only when the same part is named here (``model_spec``, ``data.spec``,
+    ``loss``) or with ``unsafe``, which also lets a pickle run (see :mod:`hessdiag.specs`).
+    Weights that are not finite are refused unless ``allow_nonfinite``."""
+    from hessdiag.specs import recorded
+
     data = data or DataSettings()
+    where = f"checkpoint {checkpoint}"
     opened = open_checkpoint(checkpoint, model_spec=model_spec, model_kwargs=model_kwargs,
-                             unsafe=unsafe)
-    info = load_data(data, opened.info.data, where=f"checkpoint {checkpoint}")
-    resolved = resolve_loss(loss or opened.info.loss, default=info.loss or "cross-entropy")
+                             unsafe=unsafe, allow_nonfinite=allow_nonfinite)
+    info = load_data(data, opened.info.data, where=where, trusted=unsafe)
+    loss = loss or recorded(opened.info.loss, what="loss spec", source=where, option="loss",
+                            trusted=unsafe)
+    resolved = resolve_loss(loss, default=info.loss or "cross-entropy")
     model = opened.build_model(info.facts)
     kwargs = {**_facts_record(info), **opened.info.model_kwargs}
     task = Task(model=model, data=info, loss=resolved, model_spec=opened.info.model_spec,

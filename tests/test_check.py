@@ -31,13 +31,17 @@ def files(tmp_path_factory):
     assert code == 0, err
     # a sharper network of the same architecture: the first layer's weights scaled down
     # (less confident outputs: lambda_max 0.62 -> 1.70 on these 512 samples)
+    return tmp, baseline, scaled(tmp / "sharper.pt", 0.7)
+
+
+def scaled(path: Path, factor: float) -> Path:
+    """The shipped network with its first layer's weights times ``factor``, saved at path."""
     loaded = load_checkpoint(DEMO)
     with torch.no_grad():
-        loaded.model.net[1].weight.mul_(0.7)
-    sharper = tmp / "sharper.pt"
-    save_checkpoint(sharper, loaded.model, model_spec=loaded.info.model_spec,
+        loaded.model.net[1].weight.mul_(factor)
+    save_checkpoint(path, loaded.model, model_spec=loaded.info.model_spec,
                     model_kwargs=loaded.info.model_kwargs, data=loaded.info.data)
-    return tmp, baseline, sharper
+    return path
 
 
 def test_a_checkpoint_against_its_own_baseline_passes(files):
@@ -120,7 +124,9 @@ BAD = {
     "corrupt baseline": (["--baseline", "corrupt.json"], "not valid JSON"),
     "newer schema": (["--baseline", "newer.json"], "schema version 99"),
     "unknown metric": (["--baseline", "baseline.json", "--metric", "sharpness"],
-                       "--metric"),
+                       "unknown metric 'sharpness' given as --metric; known: lambda_max, "),
+    "unknown metric, absolute limit": (["--max-lambda", "1", "--metric", "bogus"],
+                                       "unknown metric 'bogus' given as --metric"),
     "limit not positive": (["--max-lambda", "0"], "--max-lambda must be positive"),
     "budget too small": (["--baseline", "baseline.json", "--max-hvps", "1"],
                          "--max-hvps must be at least 2"),
@@ -233,3 +239,60 @@ def test_an_unconverged_eigenvalue_is_reported_with_its_value_and_residual():
         make_baseline(str(DEMO), metrics=("lambda_max",), settings=settings,
                       data=DataSettings(samples=64))
     assert caught.value.param == ("max_hvps", "tol")
+
+
+def test_a_large_drop_warns_and_fails_with_max_drop(files, tmp_path):
+    """Saturated logits (the first layer's weights x3) make the network look flat: the
+    check says so, and fails on it with --max-drop."""
+    _, baseline, _ = files
+    flat = scaled(tmp_path / "saturated.pt", 3.0)
+    args = ["check", flat, "--baseline", baseline, "--metric", "lambda_max", "--quiet"]
+    code, out, err = run([*args, "--json"])
+    report = json.loads(out)
+    row = report["metrics"][0]
+    fell = 1 - row["now"] / row["baseline"]
+    assert code == 0 and report["verdict"] == "pass" and fell > 0.9, (err, row)
+    assert report["warnings"] == [
+        f"lambda_max fell {fell:.1%} below its baseline ({row['baseline']:.6g} -> "
+        f"{row['now']:.6g}): a model whose outputs saturated or whose weights were damaged "
+        "looks flat too; set max_drop to fail on such a drop"]
+    code, out, err = run(args)
+    assert code == 0 and "warning: lambda_max fell" in err and "set --max-drop" in err
+    code, out, err = run([*args, "--max-drop", 0.5, "--json"])
+    report = json.loads(out)
+    assert code == 1 and report["verdict"] == "dropped"
+    assert report["metrics"][0]["reason"] == (f"dropped {fell:.1%}, beyond max_drop 0.5 and "
+                                              "noise")
+    code, out, err = run([*args, "--max-drop", 1.5])
+    assert code == 2 and "--max-drop must be a fraction in (0, 1); got 1.5" in err
+
+
+def test_a_baseline_is_portable(tmp_path):
+    """The checkpoint is recorded relative to the baseline file, with its sha256: a
+    committed baseline reads the same in any clone."""
+    import hashlib
+    import shutil
+
+    from hessdiag.check import read_baseline
+
+    shipped = DEMO.parent / "digits-mlp.baseline.json"
+    record = json.loads(shipped.read_text())["checkpoint"]
+    assert record["path"] == "digits-mlp.pt"
+    assert read_baseline(str(shipped)).checkpoint["path"] == str(DEMO)
+    assert record["sha256"] == hashlib.sha256(DEMO.read_bytes()).hexdigest()
+
+    clone = tmp_path / "a" / "models"
+    clone.mkdir(parents=True)
+    shutil.copy(DEMO, clone / "net.pt")
+    code, out, err = run(["baseline", clone / "net.pt", "-o", tmp_path / "a" / "b.json",
+                          "--metric", "lambda_max", "--samples", 128, "--quiet"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "b.json").read_text())["checkpoint"]["path"] == \
+        "models/net.pt"
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "a", moved)
+    assert read_baseline(str(moved / "b.json")).checkpoint["path"] == \
+        str(moved / "models" / "net.pt")
+    code, out, err = run(["check", moved / "models" / "net.pt", "--baseline", moved / "b.json",
+                          "--quiet"])
+    assert code == 0, err

@@ -248,7 +248,7 @@ def test_a_failing_rank_stops_the_job_and_is_named(tmp_path):
     store = Store(tmp_path / "s.h5")
     store.create_run("before", {"status": "finished"})
     done = torchrun(["-m", "hessdiag", "spectrum", "ckpt.pt", "--top-k", "1", "--quiet",
-                     "--store", "s.h5"], tmp_path)
+                     "--data", f"{tmp_path / 'broken.py'}:data", "--store", "s.h5"], tmp_path)
     assert done.returncode != 0
     assert "rank 1: error: the loss is nan on batch 0: not finite" in done.stderr, done.stderr
     assert "rank 0: stopped:" in done.stderr

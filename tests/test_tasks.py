@@ -232,10 +232,18 @@ def dense(model, mean_loss):
         return torch.autograd.functional.hessian(f, flat0)
 
 
+def named(path):
+    """The checkpoint's own model, data and loss specs as options: a factory spec recorded
+    in a file runs only when the user names it (tests/test_trust.py)."""
+    payload = torch.load(path, weights_only=True)
+    return ["--model", payload["model"]["spec"], "--data", payload["data"]["spec"],
+            "--loss", payload["loss"]]
+
+
 def spectrum_json(path, store, *extra):
     code, out, err = run(["spectrum", path, "--dtype", "float64", "--tol", 1e-10, "--top-k", 3,
                           "--lambda-min", "--batch-size", 8, "--json", "--store", store,
-                          *extra])
+                          *named(path), *extra])
     assert code == 0, err
     return json.loads(out)
 
@@ -367,10 +375,11 @@ BAD_TASKS = {
 def test_bad_tasks_exit_2_in_one_line_and_leave_the_store_alone(case, factories, tmp_path):
     path, _ = checkpoint(tmp_path, factories, "tanh_mlp", "tabular", "mse")
     store = tmp_path / "s.h5"
-    assert run(["spectrum", path, "--top-k", 1, "--store", store])[0] == 0
+    assert run(["spectrum", path, "--top-k", 1, "--store", store, *named(path)])[0] == 0
     before = store.read_bytes()
     extra, message = BAD_TASKS[case]
-    code, out, err = run(["spectrum", path, "--store", store, *extra(factories, path)])
+    code, out, err = run(["spectrum", path, "--store", store, *named(path),
+                          *extra(factories, path)])
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], (case, err)
     assert store.read_bytes() == before

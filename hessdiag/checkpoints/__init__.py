@@ -111,8 +111,12 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str | os.PathLike, *, unsafe: bool = False) -> tuple[Any, str]:
-    """``(payload, sha256)`` of a checkpoint file, loaded with ``weights_only=True`` unless
-    ``unsafe``. Raises :class:`CheckpointError` with a clear message."""
+    """``(payload, sha256)`` of a checkpoint file, loaded with ``weights_only=True``.
+    With ``unsafe``, a file that safe loading refuses (it holds pickled Python objects) is
+    unpickled, which runs the code it names: once per file and process (a second read of
+    the same bytes gets the same objects, its tensors as first loaded), after a
+    :class:`~hessdiag.specs.TrustedCodeWarning`. Raises :class:`CheckpointError` with a
+    clear message."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -120,25 +124,54 @@ def read_checkpoint(path: str | os.PathLike, *, unsafe: bool = False) -> tuple[A
         raise CheckpointError(f"checkpoint {path} is a directory, not a file")
     sha = sha256_of(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=not unsafe)
+        return torch.load(path, map_location="cpu", weights_only=True), sha
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "weights_only" in text or "Weights only load failed" in text:
+        if "weights_only" not in text and "Weights only load failed" not in text:
+            raise CheckpointError(f"checkpoint {path} is corrupted ({first_line(exc)})") from exc
+        if not unsafe:
             raise CheckpointError(
                 f"checkpoint {path} contains pickled Python objects that safe loading "
                 "refuses (running them could execute code); if you trust the file, pass "
                 "unsafe=True", param="unsafe"
             ) from exc
-        raise CheckpointError(f"checkpoint {path} is corrupted ({first_line(exc)})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
             AttributeError, ImportError, IndexError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch file (truncated or corrupted?): "
             f"{first_line(exc)}"
         ) from exc
+    return _unpickle(path, sha), sha
+
+
+# what unpickling each file gave, so that its code runs once per process: (payload, the
+# tensors of its modules as loaded, restored on every later read)
+_UNPICKLED: dict[str, tuple[Any, dict[str, Tensor] | None]] = {}
+
+
+def _unpickle(path: Path, sha: str) -> Any:
+    import warnings
+
+    from hessdiag.specs import TrustedCodeWarning
+
+    if sha in _UNPICKLED:
+        payload, state = _UNPICKLED[sha]
+        if state is not None:
+            payload.load_state_dict(state)
+        return payload
+    warnings.warn(TrustedCodeWarning(f"checkpoint {path} holds pickled Python objects: "
+                                     "unpickling it runs the code they name (trusted with "
+                                     "unsafe)"), stacklevel=3)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling arbitrary files can raise anything
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first_line(exc)}") from exc
-    return payload, sha
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: "
+                              f"{first_line(exc)}") from exc
+    state = None
+    if isinstance(payload, nn.Module):
+        state = {k: v.detach().clone() for k, v in payload.state_dict().items()}
+    _UNPICKLED[sha] = (payload, state)
+    return payload
 
 
 @dataclass(frozen=True)
@@ -170,12 +203,16 @@ def open_checkpoint(
     model_spec: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     unsafe: bool = False,
+    allow_nonfinite: bool = False,
 ) -> OpenedCheckpoint:
     """Read a checkpoint and what it records, without building its model yet.
 
     ``model_spec`` (and ``model_kwargs``) name the architecture for plain ``state_dict``
     files and override the one recorded in hessdiag checkpoints (naming the recorded
-    architecture keeps its recorded arguments; ``model_kwargs`` update them).
+    architecture keeps its recorded arguments; ``model_kwargs`` update them). A recorded
+    factory spec is imported only when ``model_spec`` names it or with ``unsafe`` (see
+    :mod:`hessdiag.specs`). Weights that are not finite are refused (naming the tensor)
+    unless ``allow_nonfinite``.
     """
     payload, sha = read_checkpoint(path, unsafe=unsafe)
     path_s = str(path)
@@ -196,15 +233,24 @@ def open_checkpoint(
             raise CheckpointError(f"checkpoint {path} has format version {version}, newer "
                                   f"than this hessdiag reads ({FORMAT_VERSION}): upgrade")
         recorded = payload.get("model") or {}
-        spec = model_spec or recorded.get("spec")
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"checkpoint {path} is corrupted: its model record is a "
+                                  f"{type(recorded).__name__}, not a mapping")
+        spec = model_spec or _recorded(recorded.get("spec"), "model", path, "model_spec",
+                                       unsafe)
         # the recorded arguments hold unless another architecture is named
         same = model_spec is None or model_spec == recorded.get("spec")
-        kwargs = dict(recorded.get("kwargs") or {}) if same else {}
+        kwargs = recorded.get("kwargs") or {}
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise CheckpointError(f"checkpoint {path} is corrupted: its model arguments are "
+                                  "not a mapping of names")
+        kwargs = dict(kwargs) if same else {}
         kwargs.update(model_kwargs or {})
         state = payload.get("state_dict")
         info = CheckpointInfo(
             path=path_s, sha256=sha, format="hessdiag", model_spec=spec, model_kwargs=kwargs,
-            data=payload.get("data"), loss=payload.get("loss"), step=payload.get("step"),
+            data=_mapping(payload.get("data"), "data", path),
+            loss=_string(payload.get("loss"), "loss", path), step=payload.get("step"),
             epoch=payload.get("epoch"), run_id=payload.get("run_id"),
             hessdiag_version=payload.get("hessdiag_version"),
         )
@@ -230,6 +276,8 @@ def open_checkpoint(
     if info.model_spec is None:
         raise CheckpointError(f"checkpoint {path} does not record its model: pass model_spec",
                               param="model_spec")
+    if not allow_nonfinite:
+        _require_finite(state, path)
     return OpenedCheckpoint(info=info, state=state, optimizer_state=optimizer_state,
                             extra=extra)
 
@@ -248,6 +296,41 @@ def load_checkpoint(
                              unsafe=unsafe)
     return LoadedCheckpoint(model=opened.build_model(facts), info=opened.info,
                             optimizer_state=opened.optimizer_state, extra=opened.extra)
+
+
+def _string(spec: Any, what: str, path: Any) -> str | None:
+    if spec is not None and not isinstance(spec, str):
+        raise CheckpointError(f"checkpoint {path} is corrupted: its {what} spec is a "
+                              f"{type(spec).__name__}, not a string")
+    return spec
+
+
+def _mapping(record: Any, what: str, path: Any) -> dict[str, Any] | None:
+    if record is not None and not isinstance(record, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupted: its {what} record is a "
+                              f"{type(record).__name__}, not a mapping")
+    return record
+
+
+def _recorded(spec: Any, what: str, path: Any, option: str, unsafe: bool) -> str | None:
+    """A spec the checkpoint records, through :func:`hessdiag.specs.recorded` (a factory
+    spec only with ``unsafe``)."""
+    from hessdiag.specs import recorded
+
+    return recorded(_string(spec, what, path), what=f"{what} spec",
+                    source=f"checkpoint {path}", option=option, trusted=unsafe)
+
+
+def _require_finite(state: dict[str, Tensor], path: Any) -> None:
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CheckpointError(
+                    f"checkpoint {path}: tensor {key} has {bad} non-finite value"
+                    f"{'s' if bad != 1 else ''} (NaN or inf) of {tensor.numel()}: the model "
+                    "diverged or the file is damaged; pass allow_nonfinite=True to measure "
+                    "it anyway", param="allow_nonfinite")
 
 
 def _find_state_dict(payload: dict) -> dict | None:

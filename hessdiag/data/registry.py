@@ -90,7 +90,7 @@ from torch.utils.data import Dataset, Subset
 
 from hessdiag._errors import InputError
 from hessdiag.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits
-from hessdiag.specs import is_factory_spec, load_factory
+from hessdiag.specs import call_factory, is_factory_spec, load_factory
 
 SPLITS = ("train", "test")
 LABEL_SCAN = 10_000  # labels read to find num_classes of a factory's data set
@@ -341,7 +341,7 @@ def _call_factory(spec: str, split: str, root: str | Path | None, download: bool
             raise InputError(f"data spec {spec!r}: cannot call the factory with "
                              f"{sorted(call)} (it may take split, root and download): "
                              f"{exc}", param="data") from exc
-    return fn(**call)
+    return call_factory(fn, spec, "data", **call)
 
 
 def _is_batch_list(obj: Any) -> bool:

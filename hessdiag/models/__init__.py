@@ -47,7 +47,7 @@ from hessdiag._errors import InputError
 from hessdiag.models.resnet import CifarResNet, resnet18, resnet50
 from hessdiag.models.simple import CNN6, MLP
 from hessdiag.models.wideresnet import WideResNet
-from hessdiag.specs import is_factory_spec, load_factory
+from hessdiag.specs import call_factory, is_factory_spec, load_factory
 
 # the facts a model may take from its data (hessdiag.data.FACTS; not imported from there,
 # so that building a model does not import the data registry)
@@ -303,7 +303,7 @@ def _build_factory(spec: str, facts: dict[str, Any], kwargs: dict[str, Any]) -> 
         except TypeError as exc:
             raise InputError(f"model spec {spec!r}: cannot call the factory with "
                              f"{sorted(call)}: {exc}", param="model") from exc
-    model = factory(**call)
+    model = call_factory(factory, spec, "model", **call)
     if not isinstance(model, nn.Module):
         raise InputError(f"model spec {spec!r}: the factory returned a "
                          f"{type(model).__name__}, not a torch.nn.Module", param="model")
