@@ -89,10 +89,9 @@ def damage_error(path: Path, exc: Damage) -> StoreDamage:
         journal = _journal.journal_path(path)
         return StoreDamage(f"store {path}: journal {journal} is damaged at byte {exc.offset} "
                            f"({exc.what}): not a crash, so hessdiag leaves the journal as "
-                           f"it is and writes nothing to this store; {salvage_hint(path)}",
-                           param="store")
+                           f"it is and writes nothing to this store; {salvage_hint(path)}")
     return StoreDamage(f"store {path}: {exc.what} (damaged bytes in {path}); "
-                       f"{salvage_hint(path)}", param="store")
+                       f"{salvage_hint(path)}")
 
 
 @contextlib.contextmanager
