@@ -131,7 +131,7 @@ def flag(param: str) -> str:
 
 def translate(exc: BaseException) -> str:
     """An error's first line, with the library parameters it names as options."""
-    message = first_line(exc, 400)
+    message = first_line(exc, 1000)
     params = getattr(exc, "param", None)
     for param in ([params] if isinstance(params, str) else list(params or [])):
         option = flag(param)

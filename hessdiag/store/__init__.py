@@ -239,7 +239,10 @@ class _View:
 
     def __init__(self, main: h5py.File, journal: BinaryIO | None) -> None:
         self.main, self.journal = main, journal
-        self.frames: list[Frame] = [] if journal is None else list(_journal.scan(journal))
+        # every frame's checksum, also of frames this read does not use: damage anywhere in
+        # the journal is reported, never skipped
+        self.frames: list[Frame] = [] if journal is None else list(
+            _journal.scan(journal, check_payload=True))
 
     def image(self, frame: Frame) -> h5py.File | None:
         """The frame's record (raises :class:`Damage` if its checksum fails)."""

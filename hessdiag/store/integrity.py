@@ -166,7 +166,7 @@ def verify_group(group: h5py.Group) -> tuple[dict[str, str], list[tuple[str, str
     damages: list[tuple[str, str]] = []
     attrs = check_attrs(group)
     if attrs is False:
-        damages.append(("attributes", "fail their checksum"))
+        damages.append(("its attributes", "fail their checksum"))
     datasets: list[tuple[str, h5py.Dataset]] = []
 
     def visit(name: str, obj: Any) -> None:

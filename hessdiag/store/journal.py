@@ -119,6 +119,8 @@ def read_header(fh: BinaryIO) -> Header:
     if version == 2:
         if crc != _header_crc(raw):
             raise Damage("its header fails its checksum", 0)
+        if raw[56:] != bytes(8):
+            raise Damage("its header has damaged padding", 0)
     elif version == 1:
         if raw[52:] != bytes(12):
             raise Damage("its header has damaged padding", 0)

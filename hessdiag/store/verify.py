@@ -164,6 +164,7 @@ def _same_generation(damaged: str, main: str) -> bool:
 
 
 def _journal_frames(report: Report, path: Path, generation: str) -> _Journal:
+    root_damaged = any(p.where == "file" for p in report.damaged)
     found = _Journal()
     jpath = _journal.journal_path(path)
     try:
@@ -187,7 +188,8 @@ def _journal_frames(report: Report, path: Path, generation: str) -> _Journal:
             version = version if version in _journal.HEADS else _journal.FILE_VERSION
         else:
             report.journal_version = header.version
-            if header.generation != generation:
+            if header.generation != generation and not (
+                    root_damaged and _same_generation(header.generation, generation)):
                 report.journal = "stale"  # merged by a compaction killed before deleting it
                 return found
             report.journal = "current"
