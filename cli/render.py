@@ -367,3 +367,36 @@ def _sparkline(values: np.ndarray) -> str:
     lo, hi = float(finite.min()), float(finite.max())
     span = hi - lo or 1.0
     return "".join(" " if not math.isfinite(x) else bars[int((x - lo) / span * 7)] for x in v)
+
+
+def verify_lines(report, salvaged=None) -> list[str]:
+    """``hessdiag verify``: what is intact, what is damaged (where), what salvage wrote."""
+    d = report.datasets
+    state = "intact" if report.intact else "DAMAGED"
+    lines = [f"{report.path}: {state}",
+             f"  records: {report.runs} runs, {report.analyses} analyses"
+             + (f" ({report.main_runs} runs and {report.main_analyses} analyses in the file, "
+                "the rest in the journal)" if report.journal_frames else ""),
+             f"  datasets: {d['fletcher32']} Fletcher-32, {d['crc32']} CRC-32"
+             + (f", {d['none']} without checksums (written before checksums)"
+                if d["none"] else "")
+             + (f"; the attributes of {report.unsealed_records} records without checksum"
+                if report.unsealed_records else "")]
+    journal = {"none": "none (the file holds every record)",
+               "stale": "left by an interrupted compaction (already merged): ignored",
+               "damaged-header": f"header damaged; {report.journal_frames} intact frames",
+               "current": f"{report.journal_frames} intact frames"}[report.journal]
+    if report.torn_bytes:
+        journal += (f"; a torn last frame of {report.torn_bytes} bytes (a write interrupted "
+                    "by a crash: not a record, the next write drops it)")
+    lines.append(f"  journal: {journal}")
+    lines += [f"  damaged: {problem}" for problem in report.damaged]
+    if salvaged is not None:
+        left = (f"; left out (damaged): {', '.join(salvaged.left_out)}"
+                if salvaged.left_out else "")
+        skipped = (f"; {salvaged.skipped_frames} journal frames extending them skipped"
+                   if salvaged.skipped_frames else "")
+        lines.append(f"salvaged to {salvaged.out}: {salvaged.runs} runs, {salvaged.analyses} "
+                     f"analyses ({salvaged.journal_frames} journal frames applied){left}"
+                     f"{skipped}")
+    return lines

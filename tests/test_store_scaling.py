@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hessdiag.store import Store
+from hessdiag.store import Store, StoreDamage, integrity
 from hessdiag.store import journal as jr
 
 BALLAST = 1_000_000  # bytes of the main file, so that records go to the journal
@@ -55,7 +55,7 @@ def _io_written() -> int | None:
 # a writer of analyses (every third index) and run rows; prints each index once done
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from hessdiag.store import Store
+    from hessdiag.store import Store, StoreDamage, integrity
     store, start, count = Store(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     for i in range(start, start + count):
         if i % 3 == 0:
@@ -152,7 +152,7 @@ def test_a_reader_beside_a_writer_sees_only_whole_records_and_never_loses_one(tm
 
 THREE = textwrap.dedent("""
     import sys, numpy as np
-    from hessdiag.store import Store
+    from hessdiag.store import Store, StoreDamage, integrity
     store, k, n = Store(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     store.create_run(f"w{k}", {"writer": k})
     for i in range(n):
@@ -254,17 +254,22 @@ def test_torn_damaged_and_stale_journals(tmp_path):
     with open(journal, "rb") as fh:
         assert list(jr.scan(fh))[-1].end == journal.stat().st_size
     assert Store(path).run("train").arrays["metrics/step"].tolist() == list(range(6))
-    # a damaged frame (bad checksum) is skipped, by readers and compaction alike
+    # a damaged frame (bad checksum) is damage, not a crash: refused by readers, writers
+    # and compaction alike, and the journal is left as it is
     with open(journal, "rb") as fh:
         frames = list(jr.scan(fh))
-    data = bytearray(journal.read_bytes())
+    kept = journal.read_bytes()
+    data = bytearray(kept)
     analysis = next(f for f in frames if f.meta["op"] == "analysis")
     data[analysis.payload_offset + 100] ^= 0xFF
     journal.write_bytes(bytes(data))
-    assert Store(path).analysis_ids() == []
-    assert Store(path).run("train").arrays["metrics/step"].tolist() == list(range(6))
+    for attempt in (lambda: Store(path).analysis_ids(), lambda: Store(path).analyses(),
+                    lambda: _append_rows(Store(path), 6, 1), lambda: Store(path).compact()):
+        with pytest.raises(StoreDamage, match=f"damaged at byte {analysis.offset} "):
+            attempt()
+        assert journal.read_bytes() == bytes(data)
+    journal.write_bytes(kept)
     # a compaction killed after its rename leaves the journal it merged: ignored
-    kept = journal.read_bytes()
     assert Store(path).compact()
     journal.write_bytes(kept)
     assert Store(path).pending() == 0
@@ -282,6 +287,7 @@ def test_stores_written_before_the_journal_read_and_grow(tmp_path):
     store.compact()
     with h5py.File(path, "r+") as f:  # as the copy-and-rename design wrote it
         del f.attrs["journal_generation"]
+        del f.attrs[integrity.ATTRS_KEY]  # written before checksums, too
     assert store.run("train").arrays["metrics/step"].tolist() == [0, 1]
     _append_rows(Store(path), 2, 2)
     assert Store(path).pending() == 2 and _generation(path) == ""

@@ -52,7 +52,9 @@ import numpy as np
 
 from hessdiag._errors import InputError, first_line
 from hessdiag._files import _fsync_dir, replacing
+from hessdiag.store import integrity
 from hessdiag.store import journal as _journal
+from hessdiag.store.integrity import Damage
 from hessdiag.store.journal import FRAME_OVERHEAD, Frame, Index
 
 SCHEMA_VERSION = 1
@@ -69,6 +71,35 @@ copy of the store to a write (measured in docs/store.md)."""
 
 class StoreError(InputError):
     """The store cannot be read or written (not HDF5, corrupted, newer schema, read-only)."""
+
+
+class StoreDamage(StoreError):
+    """Bytes of the store fail their checksum (or the journal's structure): damage, not a
+    crash. Nothing is written to the store until it is salvaged."""
+
+
+def salvage_hint(path: Path) -> str:
+    return (f"`hessdiag verify {path} --salvage NEW.h5` copies every intact record to a "
+            "new store")
+
+
+def damage_error(path: Path, exc: Damage) -> StoreDamage:
+    """The one-line error of damaged bytes in the store at ``path``."""
+    if exc.offset is not None:
+        journal = _journal.journal_path(path)
+        return StoreDamage(f"store {path}: journal {journal} is damaged at byte {exc.offset} "
+                           f"({exc.what}): not a crash, so hessdiag leaves the journal as "
+                           f"it is and writes nothing to this store; {salvage_hint(path)}")
+    return StoreDamage(f"store {path}: {exc.what} (damaged bytes in {path}); "
+                       f"{salvage_hint(path)}")
+
+
+@contextlib.contextmanager
+def _damage_as_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Damage as exc:
+        raise damage_error(path, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -162,11 +193,11 @@ class _State:
             return self.index.dtypes[key]
         if key not in self.index.columns:
             return None
-        frame = next(_journal.scan(self.journal, self.index.columns[key]), None)
-        payload = None if frame is None else _journal.read_payload(self.journal, frame)
-        if payload is None:  # a damaged frame: its column is not there
+        frame = next(_journal.scan(self.journal, self.index.columns[key],
+                                   version=self.index.version), None)
+        if frame is None:
             return None
-        with _journal.open_image(payload) as image:
+        with _journal.open_image(_journal.payload(self.journal, frame)) as image:
             dtype = image["runs"][run_id][table][name].dtype
         self.index.dtypes[key] = dtype
         return dtype
@@ -208,13 +239,16 @@ class _View:
 
     def __init__(self, main: h5py.File, journal: BinaryIO | None) -> None:
         self.main, self.journal = main, journal
-        self.frames: list[Frame] = [] if journal is None else list(_journal.scan(journal))
+        # every frame's checksum, also of frames this read does not use: damage anywhere in
+        # the journal is reported, never skipped
+        self.frames: list[Frame] = [] if journal is None else list(
+            _journal.scan(journal, check_payload=True))
 
     def image(self, frame: Frame) -> h5py.File | None:
+        """The frame's record (raises :class:`Damage` if its checksum fails)."""
         if self.journal is None or frame.payload_len == 0:
             return None
-        payload = _journal.read_payload(self.journal, frame)
-        return None if payload is None else _journal.open_image(payload)
+        return _journal.open_image(_journal.payload(self.journal, frame))
 
     def touching(self, group: str, key: str | None = None) -> list[Frame]:
         out = []
@@ -247,8 +281,6 @@ class _View:
         delta = _journal.RunDelta(run_id, main)
         for frame in frames:
             image = self.image(frame)
-            if frame.payload_len and image is None:
-                continue  # damaged frame: skipped, as compaction skips it
             try:
                 delta.feed(frame.meta, image)
             finally:
@@ -260,7 +292,8 @@ class _View:
             base = _record(main, "runs")
             attrs, arrays = base.attrs, base.arrays
         else:
-            attrs = {k: _from_attr(v) for k, v in (delta.created or {}).items()}
+            attrs = {k: _from_attr(v) for k, v in (delta.created or {}).items()
+                     if k != integrity.ATTRS_KEY}
             arrays = {}
         attrs.update({k: _from_attr(v) for k, v in delta.attrs.items()})
         return Record(id=run_id, group="runs", attrs=attrs, arrays=delta.arrays(arrays))
@@ -300,7 +333,8 @@ class Store:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise :class:`StoreError` unless the file is absent or a readable store of a
-        schema this version understands."""
+        schema this version understands (:class:`StoreDamage` if its root attributes fail
+        their checksum)."""
         if not self.path.exists():
             return
         if self.path.is_dir():
@@ -314,6 +348,7 @@ class Store:
             with h5py.File(self.path, "r") as f:
                 fmt = _from_attr(f.attrs.get("format", ""))
                 version = _from_attr(f.attrs.get("schema_version", -1))
+                root_intact = integrity.check_attrs(f)
         except OSError as exc:
             raise StoreError(f"store {self.path} is corrupted or truncated "
                              f"({first_line(exc, 160)}); move it aside and use a new store "
@@ -325,6 +360,10 @@ class Store:
             raise StoreError(f"store {self.path} has schema version {version}, newer than "
                              f"this hessdiag reads ({SCHEMA_VERSION}): upgrade hessdiag",
                              param="store")
+        if root_intact is False:
+            raise damage_error(self.path, Damage("the file's root attributes (format, "
+                                                 "schema version, journal generation) fail "
+                                                 "their checksum"))
 
     def check_writable(self) -> None:
         """Validate, and make sure a record could be written (the directory accepts files)."""
@@ -369,7 +408,7 @@ class Store:
         the main file when the block ends; then the journal is deleted."""
         self._remove_orphans()
         exists = self.path.exists()
-        with replacing(self.path) as tmp_path:
+        with _damage_as_error(self.path), replacing(self.path) as tmp_path:
             if exists:
                 shutil.copyfile(self.path, tmp_path)
             with h5py.File(tmp_path, "r+" if exists else "w") as f:
@@ -377,8 +416,11 @@ class Store:
                     self._replay_journal(f)
                 else:
                     _init_store(f)
+                sealed = not exists or integrity.sealed(f)  # (validate checked the seal)
                 f.attrs["journal_generation"] = _journal.new_generation()
                 yield f
+                if sealed:
+                    integrity.seal(f)
                 f.flush()
         # the journal now extends an older generation: readers ignore it from here on
         self._index = None
@@ -393,13 +435,12 @@ class Store:
         except FileNotFoundError:
             return
         with fh:
-            if _journal.read_generation(fh) != generation:
+            header = _journal.read_header(fh)  # raises Damage: then nothing is replaced
+            if header.generation != generation:
                 return  # left by a compaction killed after its rename: already applied
             items = []
-            for frame in list(_journal.scan(fh)):
-                payload = _journal.read_payload(fh, frame) if frame.payload_len else b""
-                if payload is None:
-                    continue  # damaged (torn by a crash of the machine): skipped
+            for frame in list(_journal.scan(fh, version=header.version)):
+                payload = _journal.payload(fh, frame) if frame.payload_len else b""
                 items.append((frame.meta, payload))
             _apply(f, items)
 
@@ -420,10 +461,15 @@ class Store:
         except FileNotFoundError:
             fd = None
         if fd is not None:
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                if _journal.read_generation(fh) != generation:
-                    os.close(fd)
-                    fd = None
+            try:
+                with os.fdopen(os.dup(fd), "rb") as fh:
+                    stale = _journal.read_generation(fh) != generation
+            except BaseException:
+                os.close(fd)  # a damaged header: refused, the journal left as it is
+                raise
+            if stale:
+                os.close(fd)
+                fd = None
         if fd is None:
             _journal.create(path, generation)
             fd = os.open(path, os.O_RDWR)
@@ -434,8 +480,18 @@ class Store:
                 or index.end > size):
             index = Index(ino=ino, generation=generation)
         fh = os.fdopen(os.dup(fd), "rb")
-        for frame in _journal.scan(fh, index.end, size):
-            index.add(frame)
+        try:
+            if index.frames == 0:
+                index.version = _journal.read_header(fh).version
+            # every new frame's checksum: a damaged journal is refused before anything
+            # is written (the torn tail of a crash is the only thing cut off)
+            for frame in _journal.scan(fh, index.end, size, version=index.version,
+                                       check_payload=True):
+                index.add(frame)
+        except BaseException:
+            fh.close()
+            os.close(fd)
+            raise
         if index.end < size:  # a writer was killed while appending: cut its torn frame off
             os.ftruncate(fd, index.end)
             os.fsync(fd)
@@ -449,7 +505,7 @@ class Store:
         if not self._writable:
             self.check_writable()  # the probe file: once per Store, the lock checks the rest
             self._writable = True
-        with self._locked():
+        with self._locked(), _damage_as_error(self.path):
             self.validate()
             built: _Built = None
             if self.path.exists() and self.compact_ratio > 0:
@@ -463,7 +519,8 @@ class Store:
                         cost = index.cost() + len(payload) + FRAME_OVERHEAD
                         if (cost < self.compact_ratio * os.path.getsize(self.path)
                                 and index.frames < self.max_frames):
-                            frame = _journal.append(fd, index.end, meta, payload)
+                            frame = _journal.append(fd, index.end, meta, payload,
+                                                    index.version)
                             index.add(frame)
                             return
                     finally:
@@ -483,14 +540,17 @@ class Store:
         if not self.path.exists() or not self.journal_path.exists():
             return False
         self.check_writable()
-        with self._locked():
+        with self._locked(), _damage_as_error(self.path):
             self.validate()
             with h5py.File(self.path, "r") as main:
                 generation = _journal.main_generation(main)
+                check_main(main)  # a damaged store is refused, not copied on
             try:
                 with open(self.journal_path, "rb") as fh:
-                    pending = (_journal.read_generation(fh) == generation
-                               and next(_journal.scan(fh), None) is not None)
+                    header = _journal.read_header(fh)
+                    pending = (header.generation == generation
+                               and next(_journal.scan(fh, version=header.version,
+                                                      check_payload=True), None) is not None)
             except FileNotFoundError:
                 return False
             if not pending:  # empty, or left over from an interrupted compaction
@@ -527,13 +587,14 @@ class Store:
                 group.attrs["sequence"] = state.n_analyses()  # write order
                 for key, value in attrs.items():
                     group.attrs[key] = _to_attr(value)
+                integrity.seal(group)
                 for key, value in arrays.items():
                     if value is None:
                         continue
                     value = np.asarray(value)
                     if value.dtype.kind in "UO":
                         value = value.astype(h5py.string_dtype())
-                    group.create_dataset(key, data=value)
+                    integrity.create_dataset(group, key, data=value)
             except BaseException:
                 image.close()
                 raise
@@ -555,6 +616,7 @@ class Store:
                 group.attrs["created"] = now()
                 for key, value in attrs.items():
                     group.attrs[key] = _to_attr(value)
+                integrity.seal(group)
             except BaseException:
                 image.close()
                 raise
@@ -625,6 +687,10 @@ class Store:
         """The main file and its journal as of one moment (no lock: if a compaction
         replaces the main file between opening it and opening the journal, try again)."""
         self.validate()
+        with _damage_as_error(self.path):
+            yield from self._view_attempts()
+
+    def _view_attempts(self) -> Iterator[_View | None]:
         for attempt in range(200):
             try:
                 main = h5py.File(self.path, "r")
@@ -726,14 +792,42 @@ class Store:
 
 
 def _record(group: h5py.Group, kind: str) -> Record:
+    """A run or analysis read whole, every value checked against its checksum (raises
+    :class:`Damage` naming the record and the dataset)."""
+    what = "run" if kind == "runs" else "analysis"
+    record_id = group.name.rsplit("/", 1)[-1]
     arrays: dict[str, np.ndarray] = {}
+    names: list[tuple[str, h5py.Dataset]] = []
 
     def visit(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset):
-            arrays[name] = obj[()]
+            names.append((name, obj))
 
-    group.visititems(visit)
-    attrs = {k: _from_attr(v) for k, v in group.attrs.items()}
-    return Record(id=group.name.rsplit("/", 1)[-1], group=kind, attrs=attrs, arrays=arrays)
+    try:
+        if integrity.check_attrs(group) is False:
+            raise Damage(f"{what} {record_id}: its attributes fail their checksum")
+        group.visititems(visit)
+        for name, dataset in names:
+            try:
+                arrays[name] = integrity.read(dataset)
+            except Damage as exc:
+                raise Damage(f"{what} {record_id}: dataset {name} {exc.what}") from exc
+        attrs = {k: _from_attr(v) for k, v in group.attrs.items()
+                 if k != integrity.ATTRS_KEY}
+    except (OSError, RuntimeError, KeyError) as exc:  # HDF5's own structures damaged
+        raise Damage(f"{what} {record_id} cannot be read ({first_line(exc, 160)})") from exc
+    return Record(id=record_id, group=kind, attrs=attrs, arrays=arrays)
 
 
+def check_main(f: h5py.File) -> None:
+    """Read every record of a main file against its checksums (raises :class:`Damage` at
+    the first damaged one)."""
+    if integrity.check_attrs(f) is False:
+        raise Damage("the file's root attributes fail their checksum")
+    for group in ("runs", "analyses"):
+        for key in f[group]:
+            what = "run" if group == "runs" else "analysis"
+            _, damages = integrity.verify_group(f[group][key])
+            if damages:
+                where, problem = damages[0]
+                raise Damage(f"{what} {key}: {where} {problem}")
