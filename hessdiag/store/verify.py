@@ -25,14 +25,14 @@ import h5py
 from hessdiag._errors import first_line
 from hessdiag._files import replacing
 from hessdiag.store import (
+    Store,
     StoreDamage,
     StoreError,
-    Store,
     _apply,
     _from_attr,
     _init_store,
+    integrity,
 )
-from hessdiag.store import integrity
 from hessdiag.store import journal as _journal
 from hessdiag.store.integrity import Damage
 
@@ -160,7 +160,7 @@ def _same_generation(damaged: str, main: str) -> bool:
     a few characters (two random 128-bit tokens never come that close)."""
     if len(damaged) != len(main):
         return False
-    return sum(a != b for a, b in zip(damaged, main)) <= 4
+    return sum(a != b for a, b in zip(damaged, main, strict=True)) <= 4
 
 
 def _journal_frames(report: Report, path: Path, generation: str) -> _Journal:
