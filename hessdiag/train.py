@@ -274,16 +274,16 @@ def _checkpoint_bytes(cfg: TrainConfig, model: nn.Module, params: list[nn.Parame
     """An upper estimate of one checkpoint's size: the model's state, the optimizer's
     state (as loaded; before any step, the buffers it will hold per parameter: momentum,
     Adam's two moments, SAM's perturbation, Eigen-SAM's eigenvector), the sharpness
-    eigenvector, and 1 MiB for the rest."""
+    eigenvector, and 256 KiB for the rest (random states, configuration)."""
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     if optimizer_state is not None:
         opt = _tensor_bytes(optimizer_state)
     else:
         slots = 2 if cfg.base in ("adam", "adamw") else 1
-        slots += {"sam": 2, "eigensam": 3}.get(cfg.optimizer, 0)
+        slots += {"sam": 1, "eigensam": 2}.get(cfg.optimizer, 0)
         opt = slots * param_bytes
-    vector = 2 * param_bytes if cfg.sharpness_every else 0  # at most float64
-    return _tensor_bytes(model.state_dict()) + opt + vector + 2 ** 20
+    vector = param_bytes if cfg.sharpness_every else 0
+    return _tensor_bytes(model.state_dict()) + opt + vector + 2 ** 18
 
 
 def _check_checkpoint_dir(run_dir: Path, need: int, what_to_do: str) -> None:
@@ -513,7 +513,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         try:
             sha = _save(path, final)
         except OSError as exc:  # written to a temporary and renamed: nothing partial is left
-            raise _checkpoint_failed(exc, path, step, run_id, last_good, store) from exc
+            raise _checkpoint_failed(exc, path.resolve(), step, run_id, last_good, store) from exc
         flush({"checkpoints": {"step": [step], "path": [str(path.resolve())],
                                "sha256": [sha], "final": [final]}})
         last_good = str(path.resolve())
