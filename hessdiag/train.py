@@ -367,6 +367,17 @@ def _checkpoint_failed(exc: OSError, path: Path, step: int, run_id: str,
     return InputError(message, param="resume")
 
 
+def _store_failed(exc: OSError, store: Store, step: int, run_id: str,
+                  last_good: str | None) -> InputError:
+    """The one line for records the store could not take during a run (a full disk)."""
+    reason = ("no space left on the device" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+              else exc.strerror or str(exc))
+    since = last_good if last_good is not None else "step 0 (it has no checkpoint yet)"
+    return InputError(f"cannot write store {store.path} at step {step} ({reason}): the run "
+                      f"stopped and can continue from {since}; free space there and continue "
+                      f"it with resume {run_id}", param="resume")
+
+
 def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
           progress: Progress = None, unsafe: bool = False) -> TrainResult:
     """Run ``cfg``, or with ``resume=RUN_ID`` continue that run from its last checkpoint
@@ -501,7 +512,10 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         tables = {k: v for k, v in pending.items() if v}
         tables.update(extra_tables or {})
         if (tables or attrs) and main:
-            store.append_run(run_id, tables, attrs=attrs)
+            try:
+                store.append_run(run_id, tables, attrs=attrs)
+            except OSError as exc:  # a record is written whole or not at all
+                raise _store_failed(exc, store, step, run_id, last_good) from exc
         for k in pending:
             pending[k] = {}
 

@@ -227,6 +227,31 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_stays_resumable(tmp
     _same_as_whole(whole, tmp_path, "r")
 
 
+def test_a_full_store_disk_is_one_line_and_the_run_stays_resumable(tmp_path, whole,
+                                                                   monkeypatch):
+    """The store cannot take the record of checkpoint 6 (its disk is full): the checkpoint
+    file is there but not recorded, so resume starts from checkpoint 3 and rewrites it."""
+    real = Store.append_run
+
+    def full_at_step_6(self, run_id, tables, attrs=None):
+        if 6 in tables.get("checkpoints", {}).get("step", []):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, run_id, tables, attrs)
+
+    monkeypatch.setattr(Store, "append_run", full_at_step_6)
+    code, _, err = _train(tmp_path, "r")
+    monkeypatch.undo()
+    assert code == 2
+    assert err == (f"error: cannot write store {tmp_path / 's.h5'} at step 6 (no space left on "
+                   f"the device): the run stopped and can continue from "
+                   f"{_ckpt(tmp_path, 'r', 3)}; free space there and continue it with "
+                   "--resume r\n")
+    assert Store(tmp_path / "s.h5").run("r").arrays["checkpoints/step"].tolist() == [3]
+    code, _, err = _resume(tmp_path, "r")
+    assert code == 0, err
+    _same_as_whole(whole, tmp_path, "r")
+
+
 def test_a_full_disk_reaches_the_checkpoint_writer_as_an_oserror(tmp_path, monkeypatch):
     """The real thing, through /dev/full: torch's writer, given a path, reports a full disk
     as an unrelated RuntimeError; hessdiag writes through a file object, whose ENOSPC
