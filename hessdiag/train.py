@@ -25,6 +25,16 @@ What a run writes:
 
 Records are flushed at every checkpoint and every epoch end; a run killed at any moment
 keeps all of them (see :mod:`hessdiag.store`).
+
+Resuming (``resume=RUN``): a run whose final checkpoint is recorded is left untouched (the
+result says so: ``nothing_to_do``); a run with checkpoints continues from its last
+recorded one; a run without one starts again from step 0 with its recorded config.
+Everything that can be checked is checked before the run is recorded or any of its rows
+dropped: the store, the run name, the task, and that the checkpoint folder can take one
+checkpoint (a directory, writable, with the space). A checkpoint or record that cannot be
+written during the run (a full disk) is an :class:`InputError` naming it; checkpoints are
+written to a temporary file and renamed, and recorded only once in place, so the run's
+record ends at its last good checkpoint and the run stays resumable.
 """
 
 from __future__ import annotations
