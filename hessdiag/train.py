@@ -296,27 +296,34 @@ def _checkpoint_bytes(cfg: TrainConfig, model: nn.Module, params: list[nn.Parame
     return _tensor_bytes(model.state_dict()) + opt + vector + 2 ** 18
 
 
-def _check_checkpoint_dir(run_dir: Path, need: int, what_to_do: str) -> None:
-    """Fail now, before the run is recorded, if checkpoints cannot be written to
-    ``run_dir``: its nearest existing folder is a file, is not writable, or has less free
-    space than one checkpoint (``need`` bytes). Creates nothing."""
+def _check_checkpoint_dir(run_dir: Path, need: int, resumed: str | None) -> None:
+    """Fail now, before the run is recorded (or a resumed run ``resumed`` drops any row),
+    if checkpoints cannot be written to ``run_dir``: its nearest existing folder is a file,
+    is not writable, or has less free space than one checkpoint (``need`` bytes). Creates
+    nothing."""
+    then = "" if resumed is None else f" and continue it with resume {resumed}"
+    elsewhere = "give another checkpoint_dir"
     existing = run_dir
     while not os.path.lexists(existing) and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
+        todo = (elsewhere if resumed is None else
+                f"the run's checkpoints are recorded there: move {existing} aside{then}")
         raise InputError(f"cannot write checkpoints to {run_dir}: {existing} is not a "
-                         f"directory; {what_to_do}", param="checkpoint_dir")
+                         f"directory; {todo}", param=["checkpoint_dir", "resume"])
     try:
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".hessdiag-probe-"))
     except OSError as exc:
         raise InputError(f"cannot write checkpoints to {run_dir}: {existing} is not "
-                         f"writable ({exc.strerror or exc}); {what_to_do}",
-                         param="checkpoint_dir") from exc
+                         f"writable ({exc.strerror or exc}); "
+                         f"{elsewhere if resumed is None else 'make it writable' + then}",
+                         param=["checkpoint_dir", "resume"]) from exc
     free = shutil.disk_usage(existing).free
     if free < need:
         raise InputError(f"not enough free space for a checkpoint in {existing}: about "
-                         f"{_size(need)} needed, {_size(free)} free; free space, or "
-                         f"{what_to_do}", param="checkpoint_dir")
+                         f"{_size(need)} needed, {_size(free)} free; free space"
+                         f"{', or ' + elsewhere if resumed is None else then}",
+                         param=["checkpoint_dir", "resume"])
 
 
 def _check_name_free(store: Store, run_id: str) -> None:
@@ -489,8 +496,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         _check_checkpoint_dir(
             run_dir, _checkpoint_bytes(cfg, model, params, None if resume_from is None
                                        else optimizer.state_dict()),
-            "give another checkpoint_dir" if resume is None else
-            f"make it writable (run {run_id}'s checkpoints are there) and resume again")
+            None if resume is None else run_id)
     if resume is not None:
         # rows logged after the checkpoint are logged again; sharpness at step s is measured
         # before update s + 1, after the checkpoint of step s

@@ -186,6 +186,20 @@ def test_a_run_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path, who
     assert run.arrays["checkpoints/step"].tolist() == [3, 6]
     assert run.arrays["metrics/step"].tolist() == [1, 2, 3, 4, 5, 6]
     assert run.arrays["sharpness/step"].tolist() == [0, 4]
+    # no room for a checkpoint: refused before any row is dropped
+    import shutil
+
+    before = _files(tmp_path)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(train_module.shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=1000))
+    code, _, err = _resume(tmp_path, "r")
+    monkeypatch.undo()
+    assert code == 2
+    assert err.startswith(f"error: not enough free space for a checkpoint in "
+                          f"{(tmp_path / 'ckpt' / 'r').resolve()}: about ")
+    assert err.endswith(" needed, 1000 B free; free space and continue it with --resume r\n")
+    assert _files(tmp_path) == before
     code, out, err = _resume(tmp_path, "r", "--json")
     assert code == 0, err
     assert json.loads(out)["steps"] == 12 and json.loads(out)["nothing_to_do"] is False
