@@ -781,6 +781,8 @@ def train(
 
     if as_json:
         render.emit_json(asdict(result))
+    elif result.nothing_to_do:  # resumed a finished run: one line saying so
+        render.stdout.print(render.escape(result.message), soft_wrap=True)
     else:
         render.stdout.print(render.train_summary(result, store))
     if result.status != "finished":

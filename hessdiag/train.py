@@ -25,11 +25,25 @@ What a run writes:
 
 Records are flushed at every checkpoint and every epoch end; a run killed at any moment
 keeps all of them (see :mod:`hessdiag.store`).
+
+Resuming (``resume=RUN``): a run whose final checkpoint is recorded is left untouched (the
+result says so: ``nothing_to_do``); a run with checkpoints continues from its last
+recorded one; a run without one starts again from step 0 with its recorded config.
+Everything that can be checked is checked before the run is recorded or any of its rows
+dropped: the store, the run name, the task, and that the checkpoint folder can take one
+checkpoint (a directory, writable, with the space). A checkpoint or record that cannot be
+written during the run (a full disk) is an :class:`InputError` naming it; checkpoints are
+written to a temporary file and renamed, and recorded only once in place, so the run's
+record ends at its last good checkpoint and the run stays resumable.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,7 +66,7 @@ from hessdiag.optim.sam import disable_running_stats, enable_running_stats
 from hessdiag.runtime import resolve_device, versions
 from hessdiag.settings import TrainConfig
 from hessdiag.stability import stability_columns
-from hessdiag.store import Store, new_id, now
+from hessdiag.store import Store, StoreError, new_id, now
 from hessdiag.task import Task, call_model, load_task, new_task
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
@@ -73,6 +87,7 @@ class TrainResult:
     alignment: float | None
     seconds: float
     message: str = ""
+    nothing_to_do: bool = False  # resumed a run that had already finished: nothing trained
 
 
 Progress = Callable[[dict[str, Any]], None] | None
@@ -174,6 +189,153 @@ def _part(x: Any, y: Any, part: range) -> tuple[Any, Any]:
     return x[part.start:part.stop], y[part.start:part.stop]
 
 
+# --------------------------------------------------------------------------- up front
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _last_checkpoint(record: Any) -> tuple[int, str, bool] | None:
+    """``(step, path, final)`` of the last checkpoint a run's record holds, or ``None``."""
+    paths = record.arrays.get("checkpoints/path")
+    if paths is None or len(paths) == 0:
+        return None
+    steps = record.arrays["checkpoints/step"]
+    finals = record.arrays.get("checkpoints/final")
+    total = record.attrs.get("total_steps")
+    final = (bool(finals[-1]) if finals is not None and len(finals) == len(paths)
+             else total is not None and int(steps[-1]) == int(total))
+    return int(steps[-1]), _text(paths[-1]), final
+
+
+def _finished_result(record: Any, run_id: str, message: str, seconds: float) -> TrainResult:
+    """What the run reported when it finished, read back from its record."""
+    x = record.arrays
+    step, path, _ = _last_checkpoint(record)
+    per_epoch = max(int(record.attrs.get("steps_per_epoch") or 1), 1)
+
+    def last(name: str, finite: bool = False) -> float | None:
+        values = x.get(name)
+        if values is None or len(values) == 0:
+            return None
+        values = np.asarray(values, dtype=float)
+        if finite:
+            values = values[np.isfinite(values)]
+        return float(values[-1]) if len(values) else None
+
+    def or_nan(value: float | None) -> float:
+        return math.nan if value is None else value
+
+    return TrainResult(
+        run_id=run_id, status="finished", steps=step, epochs=step // per_epoch,
+        final_checkpoint=path, train_loss=or_nan(last("metrics/loss")),
+        train_accuracy=or_nan(last("metrics/acc")),
+        test_loss=last("metrics/test_loss", finite=True),
+        test_accuracy=last("metrics/test_acc", finite=True),
+        lambda_max=last("sharpness/lambda_max"),
+        alignment=last("sharpness/alignment", finite=True), seconds=seconds,
+        message=message, nothing_to_do=True)
+
+
+def _resume_finished(store: Store, record: Any, run_id: str, main: bool,
+                     start: float) -> TrainResult | None:
+    """A resumed run whose final checkpoint is recorded has nothing left to train: leave
+    its records untouched (or, killed after its last checkpoint and before it recorded
+    its end, record that it finished) and say so. ``None``: the run is not finished."""
+    last = _last_checkpoint(record)
+    if last is None or not last[2]:
+        return None
+    step, path, _ = last
+    if record.attrs.get("status") == "finished":
+        message = (f"run {run_id} is finished (step {step}, final checkpoint {path}); "
+                   "nothing to do")
+    else:
+        if main:
+            store.check_writable()
+            store.append_run(run_id, {}, attrs={"status": "finished", "finished": now(),
+                                                "final_checkpoint": path})
+        message = (f"run {run_id} had finished (step {step}, final checkpoint {path}) "
+                   "when it was stopped; recorded it as finished")
+    return _finished_result(record, run_id, message, time.perf_counter() - start)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: dicts, lists, tuples of tensors."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _checkpoint_bytes(cfg: TrainConfig, model: nn.Module, params: list[nn.Parameter],
+                      optimizer_state: Any = None) -> int:
+    """An upper estimate of one checkpoint's size: the model's state, the optimizer's
+    state (as loaded; before any step, the buffers it will hold per parameter: momentum,
+    Adam's two moments, SAM's perturbation, Eigen-SAM's eigenvector), the sharpness
+    eigenvector, and 256 KiB for the rest (random states, configuration)."""
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    if optimizer_state is not None:
+        opt = _tensor_bytes(optimizer_state)
+    else:
+        slots = 2 if cfg.base in ("adam", "adamw") else 1
+        slots += {"sam": 1, "eigensam": 2}.get(cfg.optimizer, 0)
+        opt = slots * param_bytes
+    vector = param_bytes if cfg.sharpness_every else 0
+    return _tensor_bytes(model.state_dict()) + opt + vector + 2 ** 18
+
+
+def _check_checkpoint_dir(run_dir: Path, need: int, resumed: str | None) -> None:
+    """Fail now, before the run is recorded (or a resumed run ``resumed`` drops any row),
+    if checkpoints cannot be written to ``run_dir``: its nearest existing folder is a file,
+    is not writable, or has less free space than one checkpoint (``need`` bytes). Creates
+    nothing."""
+    then = "" if resumed is None else f" and continue it with resume {resumed}"
+    elsewhere = "give another checkpoint_dir"
+    existing = run_dir
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        todo = (elsewhere if resumed is None else
+                f"the run's checkpoints are recorded there: move {existing} aside{then}")
+        raise InputError(f"cannot write checkpoints to {run_dir}: {existing} is not a "
+                         f"directory; {todo}", param=["checkpoint_dir", "resume"])
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".hessdiag-probe-"))
+    except OSError as exc:
+        raise InputError(f"cannot write checkpoints to {run_dir}: {existing} is not "
+                         f"writable ({exc.strerror or exc}); "
+                         f"{elsewhere if resumed is None else 'make it writable' + then}",
+                         param=["checkpoint_dir", "resume"]) from exc
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise InputError(f"not enough free space for a checkpoint in {existing}: about "
+                         f"{_size(need)} needed, {_size(free)} free; free space"
+                         f"{', or ' + elsewhere if resumed is None else then}",
+                         param=["checkpoint_dir", "resume"])
+
+
+def _check_name_free(store: Store, run_id: str) -> None:
+    try:
+        store.run(run_id)
+    except StoreError:
+        return
+    raise InputError(f"store {store.path} already has a run {run_id!r}: give another "
+                     f"run_name, or continue it with resume {run_id}",
+                     param=["run_name", "resume"])
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -201,6 +363,38 @@ def _task(cfg: TrainConfig, resume: bool, unsafe: bool = False) -> Task:
     return new_task(cfg.model, data, loss=cfg.loss, model_kwargs=cfg.model_kwargs)
 
 
+def _checkpoint_failed(exc: OSError, path: Path, step: int, run_id: str,
+                       last_good: str | None, store: Store) -> InputError:
+    """The one line for a checkpoint that could not be written (a full disk, above all).
+    The run's record still ends at its last good checkpoint, so the run is resumable; its
+    status says why it stopped (if the store can still be written)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"no space left on the device for checkpoint {path} at step {step}"
+        todo = "free space there"
+    else:
+        what = f"cannot write checkpoint {path} at step {step} ({exc.strerror or exc})"
+        todo = "make it writable"
+    since = last_good if last_good is not None else "step 0 (it has no checkpoint yet)"
+    message = (f"{what}: the run stopped and can continue from {since}; {todo} and "
+               f"continue it with resume {run_id}")
+    try:
+        store.append_run(run_id, {}, attrs={"status": "stopped", "message": message})
+    except (OSError, ValueError):  # the store is on the same full disk: it stays "running"
+        pass
+    return InputError(message, param="resume")
+
+
+def _store_failed(exc: OSError, store: Store, step: int, run_id: str,
+                  last_good: str | None) -> InputError:
+    """The one line for records the store could not take during a run (a full disk)."""
+    reason = ("no space left on the device" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+              else exc.strerror or str(exc))
+    since = last_good if last_good is not None else "step 0 (it has no checkpoint yet)"
+    return InputError(f"cannot write store {store.path} at step {step} ({reason}): the run "
+                      f"stopped and can continue from {since}; free space there and continue "
+                      f"it with resume {run_id}", param="resume")
+
+
 def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
           progress: Progress = None, unsafe: bool = False) -> TrainResult:
     """Run ``cfg``, or with ``resume=RUN_ID`` continue that run from its last checkpoint
@@ -216,10 +410,16 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     start_time = time.perf_counter()
     procs = collective()
     main = procs is None or procs.rank == 0
+    resume_from: tuple[int, str, bool] | None = None  # the checkpoint a resumed run loads
     if resume is not None:
         record = store.run(resume)
         cfg = TrainConfig(**record.attrs["config"])
         run_id = resume
+        done = _resume_finished(store, record, run_id, main, start_time)
+        if done is not None:
+            return done
+        store.check_writable()
+        resume_from = _last_checkpoint(record)  # None: killed before its first one
     elif cfg is None:
         raise InputError("train needs a config, or resume=RUN_ID", param="resume")
     else:
@@ -227,10 +427,13 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         run_id = cfg.run_name or new_id("run")
         if procs is not None:
             run_id = procs.broadcast(run_id)
+        _check_name_free(store, run_id)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    task = _task(cfg, resume is not None, unsafe)
+    # a run resumed without a checkpoint starts again from step 0: its task is built as
+    # when it started (fine-tuning: from init_from again)
+    task = _task(cfg, resume_from is not None, unsafe)
     train_info, loss_eval = task.data, task.loss
     if cfg.label_smoothing and loss_eval.spec != "cross-entropy":
         raise InputError(f"label_smoothing applies to cross-entropy; this run's loss is "
@@ -267,17 +470,15 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         measure_set, 256, shard=None if procs is None else procs.shard), device, cfg.seed,
         procs)
     run_dir = Path(cfg.checkpoint_dir) / run_id
+    if resume is not None and record.attrs.get("checkpoint_dir"):
+        run_dir = Path(record.attrs["checkpoint_dir"])  # as recorded (resolved) at the start
     step = 0
     data_record = {"spec": cfg.data, "root": cfg.data_root, "split": "train"}
     task_record = task.record()
 
-    if resume is not None:
-        record = store.run(resume)
-        ckpts = record.arrays.get("checkpoints/path")
-        if ckpts is None or len(ckpts) == 0:
-            raise InputError(f"run {resume} has no checkpoint to resume from; start it again",
-                             param="resume")
-        last = ckpts[-1].decode() if isinstance(ckpts[-1], bytes) else str(ckpts[-1])
+    last_good: str | None = None  # the last checkpoint written and recorded
+    if resume_from is not None:
+        last = resume_from[1]
         if procs is not None:
             last = procs.broadcast(last)
         loaded = load_task(last, check=False)
@@ -289,6 +490,14 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("sharpness_vector") is not None:
             sharpness.vector = extra["sharpness_vector"].to(device)
+        last_good = last
+    # every option that can fail is checked before anything is recorded
+    if main:
+        _check_checkpoint_dir(
+            run_dir, _checkpoint_bytes(cfg, model, params, None if resume_from is None
+                                       else optimizer.state_dict()),
+            None if resume is None else run_id)
+    if resume is not None:
         # rows logged after the checkpoint are logged again; sharpness at step s is measured
         # before update s + 1, after the checkpoint of step s
         for table, keep in (("metrics", np.less_equal), ("sharpness", np.less),
@@ -319,15 +528,29 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         tables = {k: v for k, v in pending.items() if v}
         tables.update(extra_tables or {})
         if (tables or attrs) and main:
-            store.append_run(run_id, tables, attrs=attrs)
+            try:
+                store.append_run(run_id, tables, attrs=attrs)
+            except OSError as exc:  # a record is written whole or not at all
+                raise _store_failed(exc, store, step, run_id, last_good) from exc
         for k in pending:
             pending[k] = {}
 
     def checkpoint(final: bool) -> str:
+        nonlocal last_good
         path = run_dir / f"step-{step:06d}.pt"
         if not main:
             return str(path)  # rank 0 writes it
-        sha = save_checkpoint(
+        try:
+            sha = _save(path, final)
+        except OSError as exc:  # written to a temporary and renamed: nothing partial is left
+            raise _checkpoint_failed(exc, path.resolve(), step, run_id, last_good, store) from exc
+        flush({"checkpoints": {"step": [step], "path": [str(path.resolve())],
+                               "sha256": [sha], "final": [final]}})
+        last_good = str(path.resolve())
+        return str(path)
+
+    def _save(path: Path, final: bool) -> str:
+        return save_checkpoint(
             path, model, model_spec=cfg.model, model_kwargs=kwargs,
             optimizer_state=optimizer.state_dict(), step=step, epoch=step // steps_per_epoch,
             run_id=run_id, data=data_record, loss=loss_eval.spec,
@@ -336,9 +559,6 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
                                         else sharpness.vector.cpu()),
                    "final": final, "config": asdict(cfg)},
         )
-        flush({"checkpoints": {"step": [step], "path": [str(path.resolve())],
-                               "sha256": [sha], "final": [final]}})
-        return str(path)
 
     def measuring(at: int) -> bool:
         return bool(cfg.sharpness_every) and (at % cfg.sharpness_every == 0 or at == total_steps)

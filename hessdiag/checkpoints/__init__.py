@@ -105,8 +105,10 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp:
-        torch.save(payload, tmp)
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        # through a Python file object, so that a full disk is an OSError (ENOSPC), not a
+        # RuntimeError of torch's own writer
+        torch.save(payload, fh)
     return sha256_of(path)
 
 
