@@ -756,6 +756,7 @@ def train(
             sync_perturbation=sync_perturbation)
     else:
         cfg = None
+    named = tuple(spec for spec in (model, data, loss) if spec is not None)
     show_bar = (not quiet and not as_json and render.stderr.is_terminal
                 and _rank_prefix() in ("", "rank 0: "))
     if show_bar:
@@ -774,9 +775,10 @@ def train(
                 bar.update(task, completed=event["step"], total=event["total"], info=info)
 
             result = run_training(cfg, store=target, resume=resume, progress=report,
-                                  unsafe=unsafe_load)
+                                  unsafe=unsafe_load, named=named)
     else:
-        result = run_training(cfg, store=target, resume=resume, unsafe=unsafe_load)
+        result = run_training(cfg, store=target, resume=resume, unsafe=unsafe_load,
+                              named=named)
     from dataclasses import asdict
 
     if as_json:

@@ -64,7 +64,7 @@ from hessdiag.optim import SAM, EigenSAM
 from hessdiag.optim.build import build_optimizer
 from hessdiag.optim.sam import disable_running_stats, enable_running_stats
 from hessdiag.runtime import resolve_device, versions
-from hessdiag.settings import TrainConfig
+from hessdiag.settings import DataSettings, TrainConfig
 from hessdiag.stability import stability_columns
 from hessdiag.store import Store, StoreError, new_id, now
 from hessdiag.task import Task, call_model, load_task, new_task
@@ -339,11 +339,21 @@ def _check_name_free(store: Store, run_id: str) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def _check_recorded_specs(cfg: TrainConfig, source: str, unsafe: bool,
+                          named: tuple[str, ...]) -> None:
+    """The model, data and loss specs a stored run records, through
+    :func:`hessdiag.specs.recorded`: a factory spec only when named again or trusted."""
+    from hessdiag.specs import recorded
+
+    for what, spec, option in (("model spec", cfg.model, "model_spec"),
+                               ("data spec", cfg.data, "data"), ("loss spec", cfg.loss, "loss")):
+        if spec not in named:
+            recorded(spec, what=what, source=source, option=option, trusted=unsafe)
+
+
 def _task(cfg: TrainConfig, resume: bool, unsafe: bool = False) -> Task:
     """The run's task: a new model for its data, or (fine-tuning) the weights of
     ``init_from`` measured on the run's data (a pickled checkpoint only with ``unsafe``)."""
-    from hessdiag.task import DataSettings
-
     if cfg.init_from is not None and not resume:
         try:
             return load_task(cfg.init_from, data=DataSettings(
@@ -396,10 +406,15 @@ def _store_failed(exc: OSError, store: Store, step: int, run_id: str,
 
 
 def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
-          progress: Progress = None, unsafe: bool = False) -> TrainResult:
+          progress: Progress = None, unsafe: bool = False,
+          named: tuple[str, ...] = ()) -> TrainResult:
     """Run ``cfg``, or with ``resume=RUN_ID`` continue that run from its last checkpoint
     with its stored config (``cfg`` is then ignored); see the module docstring. ``unsafe``
-    lets ``cfg.init_from`` be a checkpoint of pickled objects (unpickling runs code).
+    lets ``cfg.init_from`` be a checkpoint of pickled objects (unpickling runs code), and
+    trusts the factory specs the files record. A resumed run's model, data and loss are
+    read from the store, which is data: a factory spec among them is imported only when
+    it is in ``named`` (the user named it again) or with ``unsafe`` (see
+    :mod:`hessdiag.specs`).
 
     In a job of several processes (``torchrun``, :mod:`hessdiag.distributed`) every
     process takes a contiguous part of each minibatch; gradients are all-reduced (weighted
@@ -418,6 +433,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         done = _resume_finished(store, record, run_id, main, start_time)
         if done is not None:
             return done
+        _check_recorded_specs(cfg, f"store {store.path} (run {run_id})", unsafe, named)
         store.check_writable()
         resume_from = _last_checkpoint(record)  # None: killed before its first one
     elif cfg is None:
@@ -481,7 +497,8 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         last = resume_from[1]
         if procs is not None:
             last = procs.broadcast(last)
-        loaded = load_task(last, check=False)
+        loaded = load_task(last, data=DataSettings(spec=cfg.data, root=cfg.data_root),
+                           model_spec=cfg.model, loss=cfg.loss, unsafe=unsafe, check=False)
         model.load_state_dict(loaded.model.state_dict())
         optimizer.load_state_dict(loaded.optimizer_state)
         extra = loaded.extra

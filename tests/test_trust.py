@@ -339,3 +339,52 @@ def test_a_write_error_names_the_target_not_a_temporary_file(tmp_path, monkeypat
     assert code == 2 and not out.exists()
     assert one_error(err) == f"error: cannot write {out}: No space left on device"
     assert not list(tmp_path.glob(".b.json.*"))
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def test_resuming_a_run_does_not_import_the_specs_its_store_records(tmp_path, monkeypatch):
+    """A store is data too: a run of a file.py model resumes only when the model is named
+    again (or trusted), and the refusal leaves the store as it was."""
+    import hessdiag.train as train_module
+
+    mark = tmp_path / "IMPORTED"
+    factory = tmp_path / "net.py"
+    factory.write_text(textwrap.dedent(f'''
+        import pathlib
+        from torch import nn
+        pathlib.Path({str(mark)!r}).write_text("imported")
+
+        def net(num_classes):
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+    '''))
+    spec = f"{factory}:net"
+    store = tmp_path / "s.h5"
+    real, calls = train_module._epoch_order, []
+
+    def killed(n, seed, epoch):
+        calls.append(epoch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(n, seed, epoch)
+
+    monkeypatch.setattr(train_module, "_epoch_order", killed)
+    code, _, err = run(["train", "--model", spec, "--data", "digits", "--samples", 64,
+                        "--batch-size", 32, "--epochs", 2, "--checkpoint-every", 1,
+                        "--run-name", "r", "--store", store, "--checkpoint-dir",
+                        tmp_path / "ck", "--quiet"])
+    assert code == 130, err
+    monkeypatch.undo()
+    mark.unlink()
+    before = store.read_bytes()
+    code, out, err = run(["train", "--resume", "r", "--store", store, "--quiet"])
+    assert code == 2 and not mark.exists() and store.read_bytes() == before
+    assert one_error(err) == (
+        f"error: store {store} (run r) records model spec {spec!r}, a factory spec: importing "
+        "it would run code the file names, which hessdiag never does on its own; to run it, "
+        f"pass --model {spec} {TRUST}")
+    code, out, err = run(["train", "--resume", "r", "--store", store, "--model", spec,
+                          "--quiet", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 4
