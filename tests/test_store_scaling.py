@@ -123,7 +123,9 @@ def test_sigkill_during_appends_and_compactions_loses_no_finished_record(tmp_pat
         generations.add(_generation(path))
     assert len(done) > 100  # every round wrote and was killed mid-stream
     assert len(generations) > 5 and journal_seen > 3  # both appends and compactions ran
-    assert Store(path).compact()
+    # the last kill may have come right after a compaction: then nothing is left to merge
+    pending = Store(path).pending()
+    assert Store(path).compact() == (pending > 0)
     assert not Store(path).journal_path.exists()
     assert not list(tmp_path.glob(".*.tmp"))  # copies of killed compactions are cleaned up
     assert set().union(*map(set, _present(path))) == done
