@@ -23,7 +23,7 @@ from hessdiag.records import read_sharpness, read_spectrum
 from hessdiag.settings import DataSettings, SpectrumSettings, TrainConfig
 from hessdiag.sharpness import sharpness_of_checkpoint
 from hessdiag.spectrum import analyse_checkpoint
-from hessdiag.stability import sgd_threshold
+from hessdiag.stability import raw_threshold
 from hessdiag.store import Store
 from hessdiag.train import train
 
@@ -142,7 +142,7 @@ def collect(store: Store) -> dict[tuple[str, str], dict[str, list[float]]]:
             cell.setdefault("ggn_residual", []).append(float(result.top.residuals[0]))
         elif record.kind == "spectrum":
             result = read_spectrum(record)
-            threshold = sgd_threshold(cfg["lr"], cfg["momentum"])
+            threshold = float(raw_threshold(cfg, cfg["lr"]))
             x = run.arrays
             for key, value in (
                     ("lambda_max", result.lambda_max),
