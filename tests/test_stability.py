@@ -195,6 +195,8 @@ def test_preconditioned_sharpness_matches_the_dense_truth_from_real_adam_state(a
     assert pre["lr"] == 3e-2 and pre["threshold"] == pytest.approx(38 / 3e-2)
     np.testing.assert_allclose(np.asarray(result.top.eigenvalues) / pre["threshold"], truth,
                                rtol=1e-6)
+    assert result.to_dict()["preconditioner"]["stability"] == pytest.approx(truth[0],
+                                                                         rel=1e-6)
 
 
 def test_groups_with_different_beta1_have_no_common_threshold():
