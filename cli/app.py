@@ -1120,6 +1120,8 @@ def show(
         return
     if runs:
         render.stdout.print(render.runs_table(runs, f"{store}: {len(runs)} runs"))
+        for line in render.stability_lines(runs):
+            render.stdout.print(render.escape(line), soft_wrap=True)
     spectra = [r for r in rows if r["kind"] == "spectrum"]
     alignments = [r for r in rows if r["kind"] == "alignment"]
     if spectra or len(spectra) == len(rows):

@@ -206,7 +206,7 @@ def runs_table(rows: list[dict[str, Any]], title: str) -> Table:
     for name, justify in [("run", "left"), ("status", "left"), ("model/data", "left"),
                           ("optimizer", "left"), ("steps", "right"), ("loss", "right"),
                           ("test acc", "right"), ("λ_max", "right"),
-                          ("λ_max/threshold", "right"), ("alignment", "right")]:
+                          ("peak λ_max/threshold", "right"), ("alignment", "right")]:
         table.add_column(name, justify=justify)
     for r in rows:
         opt = r["optimizer"] or "-"
@@ -214,9 +214,18 @@ def runs_table(rows: list[dict[str, Any]], title: str) -> Table:
             opt += f" ρ={r['rho']}" + (f" α={r['alpha']}" if opt == "eigensam" else "")
         table.add_row(r["run_id"], str(r["status"]), f"{r['model']}/{r['data']}", opt,
                       f"{r['steps']}/{r['total_steps']}", fmt(r["loss"]), fmt(r["test_acc"]),
-                      fmt(r["lambda_max"]), fmt(r.get("stability"), 3),
+                      fmt(r["lambda_max"]), fmt(r.get("stability_peak"), 3),
                       fmt(r["alignment"], 3))
     return table
+
+
+def stability_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per run with a stability ratio: its peak and its last value, each at its
+    own step's learning rate."""
+    return [f"{r['run_id']}: λ_max/threshold (at each step's own lr) peak "
+            f"{fmt(r['stability_peak'], 3)} at step {r['stability_peak_step']}, last "
+            f"{fmt(r['stability'], 3)} at step {r['stability_step']}"
+            for r in rows if r.get("stability_peak") is not None]
 
 
 def alignment_line(path, done) -> str:

@@ -262,6 +262,8 @@ def _spectrum(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings,
             diagonal, adam = adam_preconditioner(optimizer_state, trainable, op.param_names)
         except ValueError as exc:
             raise InputError(str(exc), param="preconditioner") from exc
+        # with several group learning rates, the diagonal is P_i lr / lr_i (lr the
+        # largest): its eigenvalues still compare with adam_threshold(lr, beta1)
         op = PreconditionedOperator(op, diagonal, {
             "kind": "adam", **adam, "threshold": adam_threshold(adam["lr"], adam["beta1"])})
     basis = resolve_basis_device(s.basis_device)

@@ -15,7 +15,8 @@ eigenvalues    top-k eigenvalues and lambda_min across the analyses of a run's
                checkpoints (x: training step), error bars = residual norms
 training       loss and accuracy (train and test) of several runs
 sharpness      lambda_max along training for several runs, with each run's stability
-               threshold ``2 (1 + momentum) / lr`` (at the logged learning rate)
+               threshold (``2 (1 + momentum) / lr``, Nesterov ``2 (1 + momentum) / ((1 +
+               2 momentum) lr)``, at the logged learning rate)
 alignment      alignment along training, a 95% band from a moving window, per run
 layers         per-layer lambda_max of one analysis as bars, error bars = residuals
 landscape      a stored loss landscape: 1-D curves or a 2-D contour
@@ -34,7 +35,7 @@ import numpy as np
 from hessdiag._errors import InputError
 from hessdiag.curvature import SLQResult
 from hessdiag.curvature.stats import mean_interval
-from hessdiag.stability import sgd_threshold
+from hessdiag.stability import raw_threshold, run_variant
 
 WHAT = ("density", "eigenvalues", "training", "sharpness", "alignment", "layers", "landscape")
 FORMATS = (".png", ".svg", ".pdf")
@@ -274,11 +275,20 @@ def training_figure(runs: Sequence[Any], *, title: str | None = None) -> Any:
     return _finish(fig, title or "Training")
 
 
+_THRESHOLD_LABEL = {"gd": "2/lr", "heavy-ball": "2(1+momentum)/lr",
+                    "nesterov": "2(1+momentum)/((1+2 momentum) lr)"}
+
+
+def cfg_of(run: Any) -> dict[str, Any]:
+    return run.attrs.get("config") or {}
+
+
 def stability_threshold(run: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(steps, 2 (1 + momentum) / lr)`` along a run, from its logged learning rate: the
-    largest lambda_max at which heavy-ball gradient descent on a quadratic is stable
-    (``2 / lr`` without momentum). ``None`` for Adam-based runs, whose threshold applies
-    to the preconditioned Hessian, not to lambda_max."""
+    """``(steps, threshold)`` along a run, from its logged learning rate: the largest
+    lambda_max at which the run's SGD variant is stable on a quadratic, ``2 / lr`` (no
+    momentum), ``2 (1 + momentum) / lr`` (heavy ball) or ``2 (1 + momentum) / ((1 + 2
+    momentum) lr)`` (Nesterov). ``None`` for Adam-based runs, whose threshold applies to
+    the preconditioned Hessian, not to lambda_max."""
     cfg = run.attrs.get("config") or {}
     if str(cfg.get("base", "sgd")).startswith("adam"):
         return None
@@ -288,9 +298,8 @@ def stability_threshold(run: Any) -> tuple[np.ndarray, np.ndarray] | None:
         if not lr0:
             return None
         step, lr = np.array([0.0]), np.array([float(lr0)])
-    momentum = float(cfg.get("momentum") or 0.0)
     keep = np.isfinite(lr) & (lr > 0)
-    return step[keep], sgd_threshold(lr[keep], momentum)
+    return step[keep], raw_threshold(cfg, lr[keep])
 
 
 def sharpness_figure(runs: Sequence[Any], *, title: str | None = None) -> Any:
@@ -316,7 +325,7 @@ def sharpness_figure(runs: Sequence[Any], *, title: str | None = None) -> Any:
         if threshold is not None:
             ts, tv = threshold
             ax.plot(ts, tv, color=color, ls=":", lw=1.1, gid=f"threshold:{run.id}",
-                    label=f"{run.id}: 2(1+momentum)/lr")
+                    label=f"{run.id}: {_THRESHOLD_LABEL[run_variant(cfg_of(run))[0]]}")
     if not drawn:
         raise InputError("none of the selected runs logged lambda_max: train with "
                          "--sharpness-every N (or an Eigen-SAM run)", param="runs")

@@ -27,6 +27,7 @@ from hessdiag.curvature import EigenResult, SLQResult, TraceResult
 from hessdiag.results import AlignmentResult, LandscapeResult, LayerSharpness, SpectrumResult
 from hessdiag.runtime import versions
 from hessdiag.sharpness import SharpnessResult
+from hessdiag.stability import peak_stability
 from hessdiag.store import Record, Store
 
 # the columns of a run's tables, in order (``hessdiag train`` and ``AlignmentProbe``)
@@ -497,10 +498,16 @@ def _last(arrays: dict[str, np.ndarray], key: str) -> Any:
 
 
 def run_row(record: Record) -> dict[str, Any]:
-    """One line per training run: its settings and where it ended."""
+    """One line per training run: its settings and where it ended. ``stability`` is
+    ``lambda_max / threshold`` of the last sharpness row (at that step's own lr, from
+    :func:`hessdiag.stability.peak_stability`, so right for older Nesterov stores too),
+    ``stability_step`` its step, ``stability_peak`` the run's largest ratio and
+    ``stability_peak_step`` its step (``None`` for Adam-based runs and runs without
+    sharpness rows)."""
     a, x = record.attrs, record.arrays
     cfg = a.get("config") or {}
     steps = x.get("metrics/step")
+    ratio = peak_stability(cfg, x)
     return {
         "run_id": record.id,
         "status": a.get("status"),
@@ -520,7 +527,10 @@ def run_row(record: Record) -> dict[str, Any]:
         "test_loss": _last(x, "metrics/test_loss"),
         "test_acc": _last(x, "metrics/test_acc"),
         "lambda_max": _last(x, "sharpness/lambda_max") or _last(x, "alignment/lambda_max"),
-        "stability": _last(x, "sharpness/stability"),
+        "stability": ratio["last"],
+        "stability_step": ratio["last_step"],
+        "stability_peak": ratio["peak"],
+        "stability_peak_step": ratio["peak_step"],
         "alignment": _last(x, "sharpness/alignment") or _last(x, "alignment/alignment"),
         "final_checkpoint": a.get("final_checkpoint"),
         "started": a.get("started"),

@@ -125,7 +125,11 @@ class SpectrumResult:
                              "samples": op.get("mc_samples")}
         if self.operator.get("preconditioner"):
             # the eigenvalues are of P^-1/2 H P^-1/2; ``threshold`` is its stability bound
-            out["preconditioner"] = self.operator["preconditioner"]
+            # and ``stability`` lambda_max / threshold (1 at the edge of stability)
+            pre = dict(self.operator["preconditioner"])
+            if pre.get("threshold"):
+                pre["stability"] = self.lambda_max / pre["threshold"]
+            out["preconditioner"] = pre
         if self.density is not None:
             trace, se = self.density.trace()
             out["density"] = {"n_probes": self.density.n_probes, "steps": self.density.steps,

@@ -20,8 +20,11 @@ What a run writes:
   the alignment ``|<e, v>| / ||e||`` of the step's perturbation ``e`` (SGD: the gradient)
   with the top eigenvector ``v``. Both are measured at the same weights: those of the
   step, after its gradient and before its update (the last step's row, at the final
-  weights, has no perturbation and ``nan`` alignment). And the checkpoints written (step,
-  path, sha256).
+  weights, has no perturbation and ``nan`` alignment). Each sharpness row also holds the
+  step's ``lr``, the ``threshold`` of the run's SGD variant at that lr (``2/lr``,
+  ``2(1+beta)/lr`` or, with Nesterov, ``2(1+beta)/((1+2beta)lr)``; NaN for Adam, see
+  :mod:`hessdiag.stability`) and ``stability = lambda_max / threshold``. And the
+  checkpoints written (step, path, sha256), whose optimizer state names its parameters.
 
 Records are flushed at every checkpoint and every epoch end; a run killed at any moment
 keeps all of them (see :mod:`hessdiag.store`).
@@ -56,6 +59,7 @@ from torch import Tensor, nn
 
 from hessdiag._errors import InputError
 from hessdiag.checkpoints import save_checkpoint
+from hessdiag.curvature.preconditioned import name_optimizer_state
 from hessdiag.data import batch_of, fixed_batches, load_dataset, to_device
 from hessdiag.distributed import collective
 from hessdiag.losses import Loss, cross_entropy
@@ -465,6 +469,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     kwargs = task.model_kwargs
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
 
     ready = train_info.batches
@@ -569,7 +574,9 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     def _save(path: Path, final: bool) -> str:
         return save_checkpoint(
             path, model, model_spec=cfg.model, model_kwargs=kwargs,
-            optimizer_state=optimizer.state_dict(), step=step, epoch=step // steps_per_epoch,
+            optimizer_state=name_optimizer_state(optimizer.state_dict(), optimizer,
+                                                 named_params),
+            step=step, epoch=step // steps_per_epoch,
             run_id=run_id, data=data_record, loss=loss_eval.spec,
             extra={"aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
                    "sharpness_vector": (None if sharpness.vector is None
@@ -650,7 +657,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         if measured is not None:
             last_sharp = {**measured, **alignment_row(perturbation, sharpness.vector),
                           **stability_columns(measured["lambda_max"], cfg.lr * factor,
-                                              momentum, cfg.base)}
+                                              momentum, cfg.base, cfg.nesterov)}
             log("sharpness", {"step": step, **last_sharp})
             if math.isfinite(last_sharp["alignment"]):
                 last_alignment = last_sharp["alignment"]
@@ -672,7 +679,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             final = sharpness.measure()
             last_sharp = {**final, **alignment_row(None, sharpness.vector),
                           **stability_columns(final["lambda_max"], cfg.lr * factor,
-                                              momentum, cfg.base)}
+                                              momentum, cfg.base, cfg.nesterov)}
             log("sharpness", {"step": step, **last_sharp})
         if progress is not None and main:
             progress({"step": step, "total": total_steps, "epoch": epoch, "loss": last_loss,

@@ -93,6 +93,11 @@ def test_stability_threshold_is_two_over_lr_without_momentum_and_absent_for_adam
     steps, values = stability_threshold(Run({"momentum": 0.0, "base": "sgd"}))
     np.testing.assert_allclose(values, [20.0, 40.0])
     assert stability_threshold(Run({"momentum": 0.9, "base": "adam"})) is None
+    # Nesterov: 2(1+b)/((1+2b) lr), not heavy ball's 2(1+b)/lr
+    _, values = stability_threshold(Run({"momentum": 0.9, "nesterov": True, "base": "sgd"}))
+    np.testing.assert_allclose(values, [2 * 1.9 / (2.8 * 0.1), 2 * 1.9 / (2.8 * 0.05)])
+    _, values = stability_threshold(Run({"momentum": 0.9, "base": "sgd"}))
+    np.testing.assert_allclose(values, [38.0, 76.0])
 
 
 def test_alignment_band_is_the_t_interval_of_each_window(store):

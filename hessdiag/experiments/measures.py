@@ -23,7 +23,7 @@ from hessdiag.records import read_sharpness, read_spectrum
 from hessdiag.settings import DataSettings, SpectrumSettings, TrainConfig
 from hessdiag.sharpness import sharpness_of_checkpoint
 from hessdiag.spectrum import analyse_checkpoint
-from hessdiag.stability import sgd_threshold
+from hessdiag.stability import raw_threshold
 from hessdiag.store import Store
 from hessdiag.train import train
 
@@ -64,15 +64,62 @@ mode, for any task `spectrum` accepts.
 
 | measure | definition | command | error reported | use it when |
 |---|---|---|---|---|
-| `lambda_max` | top eigenvalue of the Hessian `H` | `spectrum` | residual `‖Hu − θu‖` | the reference: stability of gradient descent (`lambda_max < 2(1+β)/lr`), comparing checkpoints of one model |
+| `lambda_max` | top eigenvalue of the Hessian `H` | `spectrum` | residual `‖Hu − θu‖` | the reference: stability of gradient descent (`lambda_max < 2/lr`; heavy ball `2(1+β)/lr`; Nesterov `2(1+β)/((1+2β)lr)`), comparing checkpoints of one model |
 | `lambda_min` | most negative eigenvalue | `spectrum --lambda-min` | residual | saddle or not; `lambda_max/|lambda_min|` (Li et al. 2018) |
 | trace, density | `tr H`, the eigenvalue density | `spectrum --trace --density` | standard error, probes | the bulk rather than the top |
 | GGN / Fisher `lambda_max` | top eigenvalue of `JᵀH_out J` or the Fisher | `spectrum --curvature ggn` | residual | a positive semi-definite curvature; cheaper, and equal to `H` at a perfect fit |
-| preconditioned sharpness | `lambda_max(P⁻¹H)`, `P` = Adam's `sqrt(v̂)+ε` | `spectrum --preconditioner adam` | residual | Adam-trained models: its threshold is `(2+2β₁)/((1−β₁)lr)` (Cohen et al. 2022) |
-| stability ratio | `lambda_max / (2(1+β)/lr)` | logged by `train --sharpness-every` | that of `lambda_max` | 1 is the edge of stability (Cohen et al. 2021) |
+| preconditioned sharpness | `lambda_max(P⁻¹H)`, `P = (1−β₁ᵗ)(sqrt(v̂)+ε)` what Adam's step divides by (see [below](#adams-preconditioner)) | `spectrum --preconditioner adam` | residual | Adam-trained models: its threshold is `(2+2β₁)/((1−β₁)lr)` (Cohen et al. 2022), 38/lr at β₁ = 0.9 |
+| stability ratio | `lambda_max / threshold`, the threshold of the run's SGD variant at each step's own lr | logged by `train --sharpness-every`; `show` prints its peak and step | that of `lambda_max` | 1 is the edge of stability (Cohen et al. 2021) |
 | critical sharpness | `2/lr_c`, `lr_c` the smallest step along `−∇L` that raises `L` | `sharpness --measure critical` | the bracket of `lr_c` | huge models: one backward and under 20 forward passes; on a quadratic it is the curvature along the gradient, `gᵀHg/gᵀg ≤ lambda_max`; on a network higher-order terms can move it either way (see the ratio below) |
 | worst-case sharpness | `max_{‖δ‖≤ρ} L(θ+δ) − L(θ)` | `sharpness --measure worst-case` | lower bound (ascent) | what SAM minimises |
 | adaptive sharpness | `max_{‖δ/|θ|‖≤ρ} L(θ+δ) − L(θ)` | `sharpness --measure adaptive` | lower bound (ascent) | comparing different models: invariant to rescalings that keep the function; magnitude-aware measures predicted generalisation best in Jiang et al. 2019 |
+
+## Stability thresholds
+
+Each threshold is the largest curvature at which the optimizer's step, run on a quadratic
+`½λx²` with PyTorch's update rule, does not diverge (the tests run `torch.optim.SGD` at
+0.98× and 1.02× of each: bounded below, divergent above):
+
+| optimizer | threshold of `lambda_max` | at lr 0.1, β 0.9 |
+|---|---|---|
+| gradient descent (`momentum` 0) | `2/lr` | 20 |
+| heavy ball (`torch.optim.SGD(momentum=β)`) | `2(1+β)/lr` | 38 |
+| Nesterov (`nesterov=True`, `train --nesterov`) | `2(1+β)/((1+2β)·lr)` | 13.6 |
+| Adam, AdamW (of `lambda_max(P⁻¹H)`) | `(2+2β₁)/((1−β₁)·lr)` | 380 |
+
+`train --sharpness-every` logs, per sharpness row, the step's `lr`, this `threshold` at
+that lr and `stability = lambda_max / threshold`. Changed: Nesterov runs used to be given
+heavy ball's `2(1+β)/lr`, 2.8× too high at β = 0.9; `show`, `plot` and the stored ratio now
+use the Nesterov threshold, and `show` recomputes the ratio from `lambda_max` and `lr` so
+older stores read right. With a decaying schedule the ratio at the last step (lr near 0)
+says little: `show` prints the run's peak ratio and its step beside the last one.
+
+### Adam's preconditioner
+
+`torch.optim.Adam` (and AdamW) moves each parameter by `lr · m / ((1−β₁ᵗ)(sqrt(v/(1−β₂ᵗ)) + ε))`,
+`m` the uncorrected running mean of gradients. So `--preconditioner adam` uses, per
+parameter, `P = (1−β₁ᵗ)(sqrt(v̂)+ε)` with `v̂ = v/(1−β₂ᵗ)`, `v` the running maximum
+`max_exp_avg_sq` under `amsgrad`, `t` the parameter's own step count and the betas and ε
+of its parameter group. Changed: the `1−β₁ᵗ` factor used to be left out, so early in
+training the preconditioned sharpness read low by `1/(1−β₁ᵗ)` (×3.7 at step 3, ×1.14 at
+step 20), and `amsgrad` read `exp_avg_sq`.
+
+The optimizer's state is matched to the model's parameters by identity (a live optimizer)
+or by the parameter names its state dict carries (checkpoints `train` writes, or an
+optimizer built on `model.named_parameters()`), never by position: parameter groups in
+another order than the model's (biases in their own group, without weight decay) used to
+give parameters each other's second moments. A state dict of several unnamed groups, a
+parameter the optimizer does not hold, or state of another shape is one clear error. A
+state dict of one unnamed group is read in the model's order (how an optimizer built on
+`model.parameters()` numbers it), each state's shape checked.
+
+Groups with different learning rates: the linearised update is `x ← x − D m` with `D =
+diag(lrᵢ/Pᵢ)`, stable while the eigenvalues of `D^½ H D^½` stay below the dimensionless
+`(2+2β₁)/(1−β₁)`. hessdiag reports the eigenvalues of `P'^-½ H P'^-½` with `P'ᵢ = Pᵢ · lr/lrᵢ`,
+`lr` the largest group learning rate, and the threshold `(2+2β₁)/((1−β₁)·lr)`: the ratio is
+exactly that of `D^½ H D^½` to `(2+2β₁)/(1−β₁)`, and with one learning rate `P' = P`.
+Groups with different β₁ have no common threshold (an error). Weight decay is not part of
+`P`.
 
 Cross-entropy's curvature shrinks as the training loss goes to zero (the softmax saturates),
 so compare models at matched training loss, not only at the last step.
@@ -142,7 +189,7 @@ def collect(store: Store) -> dict[tuple[str, str], dict[str, list[float]]]:
             cell.setdefault("ggn_residual", []).append(float(result.top.residuals[0]))
         elif record.kind == "spectrum":
             result = read_spectrum(record)
-            threshold = sgd_threshold(cfg["lr"], cfg["momentum"])
+            threshold = float(raw_threshold(cfg, cfg["lr"]))
             x = run.arrays
             for key, value in (
                     ("lambda_max", result.lambda_max),
