@@ -50,13 +50,17 @@ builds, at the current ``z``, an orthonormal basis ``V`` of the block Krylov spa
 with little weight on the top eigenvector does not hide it), with ``krylov`` products;
 solves the model's trust-region problem in that subspace exactly (secular equation on
 ``eigh(V^T H_z V)``, :func:`trust_region_max`); and **evaluates the true loss** at the
-proposed point, accepting it only if ``f`` rose (else halving the move up to three times).
-Every accepted iterate is feasible, so the value is a lower bound on the maximum of the
-true loss; on a quadratic one step is exact to the Krylov space's accuracy. The ascent
-stops when the value's relative change over the last step is below ``tol``
-(``converged``) or after ``max_steps`` steps (not converged: flagged, and ``check``
-refuses to compare it). ``method="gradient"`` keeps plain projected gradient ascent
-(to the same stopping rule) for comparison.
+proposed point, accepting it only if ``f`` rose (else trying half the move). Off a
+quadratic the model can be wrong over the ball (ReLU kinks, saturating softmax): when its
+step fails, the ascent takes projected gradient steps (``z <- P(z + a rho g/|g|)``,
+``a = 1, 1/2, 1/4, 1/8`` until the loss rises) and builds no more models. Every accepted
+iterate is feasible, so the value is a lower bound on the maximum of the true loss; on a
+quadratic one step is exact to the Krylov space's accuracy. The ascent stops
+(``converged``) when the value's relative change was below ``tol`` over the last two
+steps, or over the second (which on a quadratic only confirms the first); or after
+``max_steps`` steps, or when no step raises the loss (not converged: flagged with a
+``reason``, and ``check`` refuses to compare it). ``method="gradient"`` keeps plain
+projected gradient ascent (to the same stopping rule, on one step) for comparison.
 """
 
 from __future__ import annotations
@@ -72,17 +76,13 @@ from torch import Tensor, nn
 
 from hessdiag._errors import InputError
 from hessdiag.objective import MeanLoss
-from hessdiag.settings import SHARPNESS_MEASURES
+from hessdiag.settings import ASCENT_MAX_STEPS, ASCENT_METHODS, ASCENT_TOL, SHARPNESS_MEASURES
 
 __all__ = ["SharpnessResult", "critical_sharpness", "ascent_sharpness", "measure_sharpness",
            "trust_region_max", "ASCENT_METHODS"]
 
-ASCENT_METHODS = ("krylov", "gradient")
 ASAM_ETA = 0.01
-# ascent defaults: relative change of the value over the last step, steps, basis size
-ASCENT_TOL = 1e-3
-ASCENT_MAX_STEPS = 20
-ASCENT_KRYLOV = 12
+ASCENT_KRYLOV = 12  # the Krylov basis: Hessian-vector products per ascent step
 
 
 @dataclass
@@ -354,7 +354,8 @@ def ascent_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rho: float
     reason: str | None = None
     generator = torch.Generator().manual_seed(seed)
     random = torch.randn(T.numel(), generator=generator, dtype=torch.float64).to(T.device)
-    steps = 0
+    steps = calm = 0
+    previous, model_ok = z, method == "krylov"
     while steps < max_steps:
         steps += 1
         if method == "gradient":  # plain projected ascent: always moves, keeps the best
@@ -374,30 +375,50 @@ def ascent_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rho: float
                 converged = True
                 break
             continue
-        else:
-            candidate, predicted = _krylov_step(z, g, f, rho, krylov, random,
+        accepted = built = False
+        if model_ok:
+            built = True
+            candidate, predicted = _krylov_step(z, g, f, rho, krylov, [random, z - previous],
                                                 lambda v, z=z: hz(z, v))
-            accepted = False
-            for _ in range(4):  # the model's point, then halfway back (the ball is convex)
+            for _ in range(2):  # the model's point, then halfway back (the ball is convex)
                 f_new, g_new = value_grad(candidate)
                 f_new -= loss0
                 if f_new > f:
                     accepted = True
                     break
                 candidate = 0.5 * (z + candidate)
+            # a model that failed over the ball (non-quadratic, e.g. ReLU kinks) is not
+            # built again: its products would be spent for nothing
+            model_ok = accepted
+        if not accepted:
+            norm = float(g.norm())
+            alpha = 1.0
+            while not accepted and norm > 0 and alpha > 0.1:
+                # off a quadratic the model can be wrong over the ball: a projected gradient
+                # step (an ascent direction) with backtracking instead
+                step = z + alpha * rho * g / norm
+                candidate = step * min(1.0, rho / float(step.norm()))
+                f_new, g_new = value_grad(candidate)
+                f_new -= loss0
+                accepted = f_new > f
+                alpha /= 2
             if not accepted:
                 history.append(f)
-                converged = predicted - f <= tol * abs(f)
+                # no step rose: converged if the model saw nothing more to gain, or the
+                # shortest step changed the value by less than tol (a maximum to tol)
+                converged = ((built and predicted - f <= tol * abs(f))
+                             or f - f_new <= tol * abs(f))
                 reason = None if converged else (
-                    "no step the local model proposed raised the loss (the model's "
-                    f"gain {predicted - f:.3g} was not realised)")
+                    "stalled: neither the local model's step nor a projected gradient step "
+                    "(down to rho/8) raised the loss")
                 break
         change = f_new - f
         if accepted:
-            z, g = candidate, g_new
+            previous, z, g = z, candidate, g_new
             f = f_new
         history.append(f)
-        if abs(change) <= tol * abs(f) and steps > 1:
+        calm = calm + 1 if abs(change) <= tol * abs(f) else 0
+        if calm >= 2 or (calm and steps == 2):  # two calm steps (one after the first)
             converged = True
             break
     if not converged and reason is None:
@@ -416,10 +437,11 @@ def ascent_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rho: float
         settings=settings, converged=converged, steps=steps, hvps=obj.hvps, reason=reason)
 
 
-def _krylov_step(z: Tensor, g: Tensor, f: float, rho: float, size: int, random: Tensor,
-                 hvp: Any) -> tuple[Tensor, float]:
+def _krylov_step(z: Tensor, g: Tensor, f: float, rho: float, size: int,
+                 extra: list[Tensor], hvp: Any) -> tuple[Tensor, float]:
     """The maximiser of the quadratic model of ``f`` at ``z`` over the ball, within the
-    block Krylov space of ``[z, g, random]``, and the model's value there."""
+    block Krylov space of ``[z, g, *extra]`` (a random vector, the last step), and the
+    model's value there."""
     basis: list[Tensor] = []
     products: list[Tensor] = []
 
@@ -434,7 +456,7 @@ def _krylov_step(z: Tensor, g: Tensor, f: float, rho: float, size: int, random: 
         if norm > 1e-10 * norm0:
             basis.append(v / norm)
 
-    for v in (z, g, random):
+    for v in (z, g, *extra):
         add(v)
     i = 0
     while i < len(basis):
