@@ -1154,13 +1154,14 @@ def show(
     if measures:
         for row in measures:
             done = row.pop("all_converged")
-            row["converged"] = "yes" if done else ("-" if done is None else "not converged")
+            row["converged"] = {True: "yes", False: "[red]no[/red]"}.get(done, "-")
             row["checkpoint_path"] = Path(row["checkpoint_path"] or "-").name
             row.update({k: render.fmt(v) for k, v in row.items() if isinstance(v, float)})
             row.update({k: "-" for k, v in row.items() if v is None})
         render.stdout.print(render.rows_table(measures, f"{store}: {len(measures)} sharpness "
                                               "measurements (low/high: bounds; no high: an "
-                                              "ascent's lower bound)"))
+                                              "ascent's lower bound; converged no: not "
+                                              "converged, or undefined)"))
     landscapes = [{key: row[key] for key in ("analysis_id", "checkpoint_path", "step",
                                              "method", "measure", "landscape_points",
                                              "landscape_loss0", "landscape_loss_max",
