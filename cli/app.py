@@ -562,7 +562,8 @@ def sharpness(
         render.stdout.print(
             f"{path}: {result.measure} sharpness = {render.fmt(result.value)} {bound}{extra}; "
             f"loss {render.fmt(result.loss)} on {result.samples} terms, "
-            f"{result.forward_passes} forward + {result.backward_passes} backward passes, "
+            f"{result.forward_passes} forward + {result.backward_passes} backward passes"
+            f"{f' + {result.hvps} Hessian-vector products' if result.hvps else ''}, "
             f"{result.seconds:.2f} s")
         render.stdout.print(f"analysis {analysis_id} written to {store}")
 
