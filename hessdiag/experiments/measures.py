@@ -60,7 +60,9 @@ QUICK = Plan(seeds=(1,), tasks=(Task("digits", {"hidden": 8}, 0.05, 1, 128),
 
 DEFINITIONS = """\
 All of them are of the mean training loss `L` over the samples a command is given, in eval
-mode, for any task `spectrum` accepts.
+mode, for any task `spectrum` accepts; a sum-reduced loss is divided by the loss's count of
+terms for every one of them (eigenvalues, critical and ascent sharpness, landscapes), so
+`reduction="sum"` and `"mean"` give the same numbers.
 
 | measure | definition | command | error reported | use it when |
 |---|---|---|---|---|
@@ -74,6 +76,13 @@ mode, for any task `spectrum` accepts.
 | worst-case sharpness | `max_{‖δ‖≤ρ} L(θ+δ) − L(θ)` | `sharpness --measure worst-case` | lower bound (ascent to a tolerance), `converged`, steps | what SAM minimises |
 | adaptive sharpness | `max_{‖δ/|θ|‖≤ρ} L(θ+δ) − L(θ)`, `|θ|` on every parameter (Andriushchenko et al. 2023) | `sharpness --measure adaptive` | as worst-case | comparing different models: invariant to rescalings that keep the function; magnitude-aware measures predicted generalisation best in Jiang et al. 2019 |
 | ASAM's adaptive sharpness | the same with `|w| + 0.01` on weights and 1 on biases (Kwon et al. 2021) | `sharpness --measure adaptive-asam` | as worst-case | comparing with ASAM papers |
+
+Adaptive sharpness: `adaptive` is the definition of Andriushchenko et al. 2023 ("A modern
+look at the relationship between sharpness and generalization"): every parameter scaled by
+`|θ|`, an L2 ball, all the samples given. ASAM (Kwon et al. 2021) scales weights by
+`|w| + 0.01` and leaves biases unscaled: `adaptive-asam`. Worst-case and adaptive sharpness
+are ascents to a relative tolerance (1e-3) with a step budget; an unconverged value is
+flagged and never compared by `check` (see [commands/sharpness.md](commands/sharpness.md)).
 
 Cross-entropy's curvature shrinks as the training loss goes to zero (the softmax saturates),
 so compare models at matched training loss, not only at the last step.
