@@ -177,7 +177,12 @@ def critical_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rtol: fl
     if gg == 0:
         return undefined("undefined: the gradient is exactly zero (a stationary point); no "
                          "step along it changes the loss")
-    curvature = _dot(g, obj.hvp(obj.theta, g)) / gg
+    try:
+        curvature = _dot(g, obj.hvp(obj.theta, g)) / gg
+    except RuntimeError:  # an op without a double-backward formula: fit a parabola instead
+        probe = 1e-3 * max(abs(loss0), 1e-3) / gg
+        fitted = obj.loss(_step(obj.theta, [-x for x in g], probe)) - loss0
+        curvature = 2 * (fitted + probe * gg) / probe ** 2 / gg
     if curvature > 0 and gg / (2 * curvature) <= noise:
         return undefined(
             f"undefined: the gradient is zero to working precision (|g| = {math.sqrt(gg):.3g}"
@@ -295,7 +300,8 @@ def _scales(obj: MeanLoss, scaling: str) -> list[Tensor]:
 
 
 def _flat(parts: list[Tensor]) -> Tensor:
-    return torch.cat([p.reshape(-1).double() for p in parts])
+    """One vector in the parameters' dtype (the Krylov basis is ``2 krylov`` of them)."""
+    return torch.cat([p.reshape(-1) for p in parts])
 
 
 def ascent_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rho: float,
@@ -353,9 +359,10 @@ def ascent_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rho: float
     converged = False
     reason: str | None = None
     generator = torch.Generator().manual_seed(seed)
-    random = torch.randn(T.numel(), generator=generator, dtype=torch.float64).to(T.device)
+    random = torch.randn(T.numel(), generator=generator, dtype=torch.float64).to(T)
     steps = calm = 0
     previous, model_ok = z, method == "krylov"
+    settings_note = None
     while steps < max_steps:
         steps += 1
         if method == "gradient":  # plain projected ascent: always moves, keeps the best
@@ -378,9 +385,15 @@ def ascent_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rho: float
         accepted = built = False
         if model_ok:
             built = True
-            candidate, predicted = _krylov_step(z, g, f, rho, krylov, [random, z - previous],
-                                                lambda v, z=z: hz(z, v))
-            for _ in range(2):  # the model's point, then halfway back (the ball is convex)
+            try:
+                candidate, predicted = _krylov_step(z, g, f, rho, krylov,
+                                                    [random, z - previous],
+                                                    lambda v, z=z: hz(z, v))
+            except RuntimeError:  # no double-backward formula: projected gradient steps
+                candidate, predicted, model_ok = z, f, False
+                settings_note = "no Hessian-vector products (double backward failed)"
+            # the model's point, then halfway back (inside: the ball is convex)
+            for _ in range(2 if model_ok else 0):
                 f_new, g_new = value_grad(candidate)
                 f_new -= loss0
                 if f_new > f:
@@ -429,7 +442,8 @@ def ascent_sharpness(model: nn.Module, loss_fn: Any, batches: Any, *, rho: float
     settings = {"tol": tol, "max_steps": max_steps, "method": method, "scaling": scaling,
                 "krylov": krylov if method == "krylov" else None, "seed": seed,
                 "eta": ASAM_ETA if scaling == "asam" else (1e-12 if scaling == "all"
-                                                            else None)}
+                                                            else None),
+                "note": settings_note}
     return SharpnessResult(
         measure=measure, value=f, interval=(f, math.inf), loss=float(loss0),
         forward_passes=obj.forward, backward_passes=obj.backward,
@@ -453,7 +467,7 @@ def _krylov_step(z: Tensor, g: Tensor, f: float, rho: float, size: int,
             for q in basis:
                 v = v - (q @ v) * q
         norm = float(v.norm())
-        if norm > 1e-10 * norm0:
+        if norm > max(1e-10, 100 * torch.finfo(v.dtype).eps) * norm0:  # independent
             basis.append(v / norm)
 
     for v in (z, g, *extra):
