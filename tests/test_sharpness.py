@@ -531,3 +531,32 @@ def test_spectrum_with_the_adam_preconditioner_from_a_trained_checkpoint(tmp_pat
     bad = CliRunner().invoke(app, ["spectrum", "checkpoints/digits-mlp.pt", "--preconditioner",
                                    "adam", "--store", str(tmp_path / "s.h5")])
     assert bad.exit_code == 2 and "needs the optimizer state" in bad.output
+
+
+def test_a_sum_reduced_factory_loss_on_the_command_line_is_on_the_mean_scale(tmp_path):
+    """A loss factory returning nn.CrossEntropyLoss(reduction="sum"), named with --loss:
+    critical sharpness and lambda_max equal those of the built-in (mean) cross-entropy,
+    over batches of 32 (before, both came out about 32 times too large)."""
+    import json
+
+    from conftest import run_cli
+
+    factory = tmp_path / "losses.py"
+    factory.write_text("from torch import nn\n\n\ndef summed():\n"
+                       "    return nn.CrossEntropyLoss(reduction='sum')\n")
+    common = ["--samples", "128", "--batch-size", "32", "--json"]
+    values = {}
+    for loss in ("cross-entropy", f"{factory}:summed"):
+        store = tmp_path / f"{len(values)}.h5"
+        code, out, err = run_cli(["sharpness", "checkpoints/digits-mlp.pt", "--loss", loss,
+                                  "--store", store, *common])
+        assert code == 0, err
+        critical = json.loads(out)["value"]
+        code, out, err = run_cli(["spectrum", "checkpoints/digits-mlp.pt", "--loss", loss,
+                                  "--store", store, "--dtype", "float64", "--tol", "1e-8",
+                                  *common])
+        assert code == 0, err
+        values[loss] = (critical, json.loads(out)["eigenvalues"][0])
+    mean, summed = values.values()
+    assert summed[0] == pytest.approx(mean[0], rel=1e-4)
+    assert summed[1] == pytest.approx(mean[1], rel=1e-6)
