@@ -235,7 +235,8 @@ def metric_values(result: SpectrumResult, metrics: tuple[str, ...],
             # given the data (a lower bound from a fixed number of ascent steps)
             half = 0.5 * (high - low) if math.isfinite(high) else 0.0
             out[metric] = {"value": measured.value, "residual": half, "kind": "bracket",
-                           "rho": measured.rho, "steps": measured.steps}
+                           "rho": measured.rho, "steps": measured.steps,
+                           "converged": measured.converged}
         elif metric == "alignment":
             _, stderr, _, _ = mean_interval(np.abs(alignment.cosines))
             out[metric] = {"value": alignment.alignment, "stderr": stderr,
@@ -267,6 +268,11 @@ def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float,
                          param="max_drop")
     rows = []
     for name, base in metrics.items():
+        if name == "adaptive_sharpness" and "converged" not in base:
+            raise InputError("the baseline's adaptive_sharpness was recorded with a fixed "
+                             "5-step ascent, an unconverged lower bound that a converged "
+                             "measurement would exceed: record the baseline again",
+                             param="baseline")
         now = measured[name]
         values = base["value"] if isinstance(base["value"], list) else [base["value"]]
         nows = now["value"] if isinstance(now["value"], list) else [now["value"]]

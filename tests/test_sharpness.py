@@ -356,6 +356,17 @@ def test_check_refuses_an_unconverged_ascent(monkeypatch):
                       data=DataSettings(samples=128))
 
 
+def test_check_refuses_a_baseline_of_the_old_fixed_step_ascent():
+    from hessdiag.check import compare
+
+    old = {"adaptive_sharpness": {"value": 0.1, "residual": 0.0, "kind": "bracket",
+                                  "rho": 0.05, "steps": 5}}
+    now = {"adaptive_sharpness": {**old["adaptive_sharpness"], "converged": True}}
+    with pytest.raises(InputError, match="record the baseline again"):
+        compare(old, now, rtol=0.1)
+    assert compare(now, now, rtol=0.1)[0].passed
+
+
 def test_records_written_before_convergence_was_judged_read_as_unconverged():
     from hessdiag.sharpness import SharpnessResult
 
