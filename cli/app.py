@@ -34,6 +34,9 @@ from rich.progress import (
 from hessdiag import __version__
 from hessdiag._errors import InputError, first_line
 from hessdiag.settings import (
+    ASCENT_MAX_STEPS,
+    ASCENT_METHODS,
+    ASCENT_TOL,
     BASES,
     BATCH_VECTORS,
     CHECK_MAX_HVPS,
@@ -489,9 +492,17 @@ def sharpness(
                                 + ": critical = 2/lr_c by a line search along the gradient "
                                 "(forward passes only); worst-case = max loss rise within "
                                 "||delta|| <= rho; adaptive = the same in the ball scaled by "
-                                "|theta| (ASAM)."),
+                                "|theta| on every parameter (Andriushchenko et al. 2023); "
+                                "adaptive-asam = ASAM's |w| + 0.01 on weights only."),
     rho: float = typer.Option(0.05, "--rho", help="worst-case, adaptive: the radius."),
-    steps: int = typer.Option(5, "--steps", help="worst-case, adaptive: ascent steps."),
+    tol: float = typer.Option(ASCENT_TOL, "--tol", help="worst-case, adaptive: the ascent "
+                              "stops when the value changes by less than this (relative)."),
+    max_steps: int = typer.Option(ASCENT_MAX_STEPS, "--max-steps", "--steps",
+                                  help="worst-case, adaptive: the ascent's step budget; a "
+                                  "value that has not converged within it is flagged."),
+    method: str = typer.Option("krylov", "--ascent", help="worst-case, adaptive: krylov "
+                               "(trust-region steps in a Krylov subspace, on the true loss) "
+                               "or gradient (projected gradient ascent)."),
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
@@ -516,8 +527,10 @@ def sharpness(
     if measure not in SHARPNESS_MEASURES:
         raise InputError(f"unknown sharpness measure {measure!r}; choose one of "
                          f"{', '.join(SHARPNESS_MEASURES)}", param="measure")
-    if not rho > 0 or steps < 1:
-        raise InputError("--rho must be positive and --steps at least 1")
+    if not rho > 0 or max_steps < 1 or not tol > 0:
+        raise InputError("--rho and --tol must be positive and --max-steps at least 1")
+    if method not in ASCENT_METHODS:
+        raise InputError(f"--ascent must be one of {', '.join(ASCENT_METHODS)}; got {method!r}")
     DataSettings(split=split)  # validates
     data_settings = DataSettings(spec=data, root=None if data_root is None else str(data_root),
                                  split=split, samples=samples, batch_size=batch_size)
@@ -529,22 +542,28 @@ def sharpness(
                   unsafe=unsafe_load, allow_nonfinite=allow_nonfinite)
     for path in checkpoints:
         result, task, analysis_id = sharpness_of_checkpoint(
-            str(path), measure, rho=rho, steps=steps, data=data_settings, model_spec=model,
+            str(path), measure, rho=rho, tol=tol, max_steps=max_steps, method=method,
+            data=data_settings, model_spec=model,
             loss=loss, unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, dtype=dtype,
             device=device, store=target)
+        if result.reason:
+            render.stderr.print(f"[yellow]warning:[/yellow] {path}: {result.measure} "
+                                f"sharpness: {result.reason}", soft_wrap=True)
         if as_json:
             render.emit_json({"checkpoint": str(path), **result.to_dict(),
                               "analysis_id": analysis_id})
             continue
         low, high = result.interval
+        state = "converged" if result.converged else "NOT converged"
         bound = (f"[{render.fmt(low)}, {render.fmt(high)}]" if math.isfinite(high)
-                 else f"a lower bound (ascent, {result.settings.get('steps')} steps)")
+                 else f"a lower bound (ascent, {result.steps} steps, {state})")
         extra = (f", lr_c = {render.fmt(result.lr_c)}" if result.lr_c is not None
                  else f", rho = {result.rho}")
         render.stdout.print(
             f"{path}: {result.measure} sharpness = {render.fmt(result.value)} {bound}{extra}; "
             f"loss {render.fmt(result.loss)} on {result.samples} terms, "
-            f"{result.forward_passes} forward + {result.backward_passes} backward passes, "
+            f"{result.forward_passes} forward + {result.backward_passes} backward passes"
+            f"{f' + {result.hvps} Hessian-vector products' if result.hvps else ''}, "
             f"{result.seconds:.2f} s")
         render.stdout.print(f"analysis {analysis_id} written to {store}")
 
@@ -1132,16 +1151,20 @@ def show(
                                                     "alignment analyses"))
     measures = [{key: row[key] for key in ("analysis_id", "checkpoint_path", "step", "measure",
                                            "sharpness", "sharpness_low", "sharpness_high",
-                                           "rho", "lr_c", "samples", "forward_passes")}
+                                           "rho", "lr_c", "samples", "forward_passes",
+                                           "ascent_steps", "all_converged")}
                 for row in rows if row["kind"] == "sharpness"]
     if measures:
         for row in measures:
+            done = row.pop("all_converged")
+            row["converged"] = {True: "yes", False: "[red]no[/red]"}.get(done, "-")
             row["checkpoint_path"] = Path(row["checkpoint_path"] or "-").name
             row.update({k: render.fmt(v) for k, v in row.items() if isinstance(v, float)})
             row.update({k: "-" for k, v in row.items() if v is None})
         render.stdout.print(render.rows_table(measures, f"{store}: {len(measures)} sharpness "
                                               "measurements (low/high: bounds; no high: an "
-                                              "ascent's lower bound)"))
+                                              "ascent's lower bound; converged no: not "
+                                              "converged, or undefined)"))
     landscapes = [{key: row[key] for key in ("analysis_id", "checkpoint_path", "step",
                                              "method", "measure", "landscape_points",
                                              "landscape_loss0", "landscape_loss_max",

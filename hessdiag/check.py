@@ -23,9 +23,12 @@ minibatches; stochastic) is worse when *lower*: the check fails when it drops be
 ``baseline * (1 - rtol) - noise``, i.e. when the perturbation stopped following the
 sharpest direction. ``critical_sharpness`` (``2 / lr_c``, see :mod:`hessdiag.sharpness`)
 counts half the width of its final line-search bracket as its noise;
-``adaptive_sharpness`` (rho 0.05, 5 ascent steps) is deterministic given the data and
-has none. Both are sharper when larger. Absolute limits
-(``max_lambda``, ``max_trace``, ``max_ratio``) apply with or without a baseline.
+``adaptive_sharpness`` (rho 0.05, ascent to relative tolerance 1e-3, see
+:mod:`hessdiag.sharpness`) is deterministic given the data and has none; an ascent that
+did not converge within its steps, or a critical sharpness that is undefined (zero
+gradient), is never compared: :class:`NotConverged`, as for eigenvalues. Both are sharper
+when larger. Absolute limits (``max_lambda``, ``max_trace``, ``max_ratio``) apply with
+or without a baseline.
 
 A baseline whose settings cannot be reproduced (another model, data, loss, split or
 number of samples) is bad input, never a silent comparison.
@@ -232,7 +235,8 @@ def metric_values(result: SpectrumResult, metrics: tuple[str, ...],
             # given the data (a lower bound from a fixed number of ascent steps)
             half = 0.5 * (high - low) if math.isfinite(high) else 0.0
             out[metric] = {"value": measured.value, "residual": half, "kind": "bracket",
-                           "rho": measured.rho, "steps": measured.settings.get("steps")}
+                           "rho": measured.rho, "steps": measured.steps,
+                           "converged": measured.converged}
         elif metric == "alignment":
             _, stderr, _, _ = mean_interval(np.abs(alignment.cosines))
             out[metric] = {"value": alignment.alignment, "stderr": stderr,
@@ -264,6 +268,11 @@ def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float,
                          param="max_drop")
     rows = []
     for name, base in metrics.items():
+        if name == "adaptive_sharpness" and "converged" not in base:
+            raise InputError("the baseline's adaptive_sharpness was recorded with a fixed "
+                             "5-step ascent, an unconverged lower bound that a converged "
+                             "measurement would exceed: record the baseline again",
+                             param="baseline")
         now = measured[name]
         values = base["value"] if isinstance(base["value"], list) else [base["value"]]
         nows = now["value"] if isinstance(now["value"], list) else [now["value"]]
@@ -431,9 +440,14 @@ def _measure(task: Task, checkpoint: str, metrics: tuple[str, ...], settings: Sp
     sharpness = {}
     for metric, measure in SHARPNESS_METRICS.items():
         if metric in metrics:
-            sharpness[metric] = measure_sharpness(
+            measured = measure_sharpness(
                 task.model, task.loss, task.batches(data.batch_size), measure,
                 device=resolve_device(settings.device), dtype=resolve_dtype(settings.dtype))
+            if not measured.converged:  # an unconverged ascent is no measurement to compare
+                nothing = "no baseline was written" if baseline else "nothing was compared"
+                raise NotConverged(f"{metric} = {measured.value:.6g}: {measured.reason} "
+                                   f"({nothing})", param="metric")
+            sharpness[metric] = measured
     return result, metric_values(result, metrics, alignment, sharpness)
 
 

@@ -65,6 +65,13 @@ class Loss:
     def __call__(self, outputs: Any, targets: Any) -> Tensor:
         return self.fn(outputs, targets)
 
+    @property
+    def reduction(self) -> str:
+        """``"sum"`` when the loss function is sum-reduced (an ``nn`` loss with
+        ``reduction="sum"`` from a factory): operators and forward measures then divide its
+        sum by the count instead of weighting its value by it. ``"mean"`` otherwise."""
+        return "sum" if getattr(self.fn, "reduction", "mean") == "sum" else "mean"
+
     def count(self, targets: Any) -> int:
         """Terms the batch's mean is over (the batch's weight in a mean over batches)."""
         return int(self.count_fn(targets))

@@ -4,7 +4,10 @@
 batch ``b`` (:meth:`hessdiag.losses.Loss.batch_weight`; the batch's number of samples for a
 plain loss function): the same mean the Hessian operator differentiates, so a
 measurement by forward passes (critical and ascent sharpness, loss landscapes) is of the
-same function as the eigenvalues. Forward passes run in eval mode on copies of the
+same function as the eigenvalues. A sum-reduced loss (``loss_fn.reduction == "sum"``, as
+:class:`~hessdiag.curvature.HessianOperator` detects it) already holds its batch's sum:
+it is added with weight one and divided by the same total, ``L = sum_b L_b / sum_b w_b``,
+so both reductions give the per-term mean. Forward passes run in eval mode on copies of the
 parameters; the model itself is never modified.
 """
 
@@ -41,7 +44,13 @@ class MeanLoss:
         if not self.batches:
             raise InputError("no data: there is no loss to measure", param="samples")
         self.total = sum(w for _, _, w in self.batches)
-        self.forward = self.backward = 0
+        # a sum-reduced loss already is w_b times its mean (see the module docstring)
+        self.sum_reduced = getattr(loss_fn, "reduction", "mean") == "sum"
+        self.forward = self.backward = self.hvps = 0
+
+    def _weight(self, w: int) -> float:
+        """A batch's weight in the sum divided by :attr:`total`."""
+        return 1.0 if self.sum_reduced else float(w)
 
     def outputs(self, params: list[Tensor], x: Any) -> Any:
         """The model's outputs on inputs ``x`` with parameters ``params``."""
@@ -65,7 +74,7 @@ class MeanLoss:
         with torch.no_grad(), preserved_state(self.model):
             for x, y, w in self.batches:
                 out = self.outputs(params, x)
-                total += float(self.loss_fn(out, y)) * w
+                total += float(self.loss_fn(out, y)) * self._weight(w)
                 counts = accuracy(out, y) if accuracy is not None else None
                 if counts is not None:
                     correct += int(counts[0])
@@ -80,10 +89,29 @@ class MeanLoss:
         total = 0.0
         with preserved_state(self.model), torch.enable_grad():
             for x, y, w in self.batches:
-                value = self.loss_fn(self.outputs(params, x), y) * (w / self.total)
+                value = self.loss_fn(self.outputs(params, x), y) * (self._weight(w) / self.total)
                 for g, part in zip(grads, torch.autograd.grad(value, params, allow_unused=True),
                                    strict=True):
                     if part is not None:
                         g += part
                 total += float(value.detach())
         return total, grads
+
+    def hvp(self, params: list[Tensor], vector: list[Tensor]) -> list[Tensor]:
+        """``H(params) vector`` of ``L`` (double backward, batch by batch)."""
+        self.hvps += 1
+        params = [p.detach().requires_grad_(True) for p in params]
+        out = [torch.zeros_like(p) for p in params]
+        with preserved_state(self.model), torch.enable_grad():
+            for x, y, w in self.batches:
+                value = self.loss_fn(self.outputs(params, x), y) * (self._weight(w) / self.total)
+                grads = torch.autograd.grad(value, params, create_graph=True, allow_unused=True)
+                pairs = [(g, v) for g, v in zip(grads, vector, strict=True) if g is not None]
+                if not pairs or not any(g.requires_grad for g, _ in pairs):
+                    continue
+                inner = sum((g * v).sum() for g, v in pairs if g.requires_grad)
+                parts = torch.autograd.grad(inner, params, allow_unused=True)
+                for o, part in zip(out, parts, strict=True):
+                    if part is not None:
+                        o += part.detach()
+        return out

@@ -365,8 +365,8 @@ SUMMARY_COLUMNS = (
     "trace_method", "slq_sigma", "layers", "perturbation", "alignment", "alignment_ci95_low",
     "alignment_ci95_high", "alignment_signed", "alignment_signed_ci95_low",
     "alignment_signed_ci95_high", "alignment_batches", "topk_share", "measure", "sharpness",
-    "sharpness_low", "sharpness_high", "rho", "lr_c", "forward_passes", "landscape_loss0",
-    "landscape_loss_max", "landscape_points", "hessdiag_version",
+    "sharpness_low", "sharpness_high", "rho", "lr_c", "forward_passes", "ascent_steps",
+    "landscape_loss0", "landscape_loss_max", "landscape_points", "hessdiag_version",
 )
 """The columns of :func:`summary` (the same for every kind, ``None`` where absent)."""
 
@@ -431,6 +431,8 @@ def summary(record: Record) -> dict[str, Any]:
             "sharpness_low": result.interval[0],
             "sharpness_high": None if math.isinf(result.interval[1]) else result.interval[1],
             "rho": result.rho, "lr_c": result.lr_c, "forward_passes": result.forward_passes,
+            "all_converged": result.converged,
+            "ascent_steps": result.steps if result.measure != "critical" else None,
         })
     else:
         d = result.to_dict()

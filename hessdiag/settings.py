@@ -26,7 +26,12 @@ RULES = ("sam", "asam", "eigensam", "eigensam-exact")
 OPTIMIZERS = ("sgd", "sam", "eigensam")
 BASES = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
-SHARPNESS_MEASURES = ("critical", "worst-case", "adaptive")
+SHARPNESS_MEASURES = ("critical", "worst-case", "adaptive", "adaptive-asam")
+# the ascent of worst-case and adaptive sharpness (hessdiag.sharpness): methods, relative
+# tolerance on the value's change, step budget
+ASCENT_METHODS = ("krylov", "gradient")
+ASCENT_TOL = 1e-3
+ASCENT_MAX_STEPS = 20
 PRECONDITIONERS = ("none", "adam")
 CURVATURES = ("hessian", "ggn", "fisher")
 FISHER_KINDS = ("mc", "empirical")
