@@ -43,8 +43,8 @@ from hessdiag.curvature.preconditioned import (
     adam_preconditioner,
     adam_threshold,
 )
-from hessdiag.curvature.stats import mean_interval
-from hessdiag.data import to_device
+from hessdiag.curvature.stats import bounded_mean_interval
+from hessdiag.data import batch_fingerprint, to_device
 from hessdiag.optim import perturbation
 from hessdiag.results import AlignmentResult, LayerSharpness, SpectrumResult
 from hessdiag.runtime import PeakMemory, resolve_device, resolve_dtype
@@ -361,8 +361,11 @@ def _layer(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings, names
 # --------------------------------------------------------------------------- alignment
 
 
-def _ci95(values: list[float]) -> tuple[float, tuple[float, float]]:
-    mean, _, lo, hi = mean_interval(np.asarray(values, dtype=float))
+def _ci95(values: list[float], low: float = 0.0, high: float = 1.0
+          ) -> tuple[float, tuple[float, float]]:
+    """The mean of values in ``[low, high]`` with its 95% interval inside that range
+    (NaN from fewer than two values)."""
+    mean, _, lo, hi = bounded_mean_interval(np.asarray(values, dtype=float), low, high)
     return float(mean), (float(lo), float(hi))
 
 
@@ -420,9 +423,26 @@ def measure_alignment(
                          param="rule")
     base = "eigensam" if rule.startswith("eigensam") else rule
     cosines, shares = [], []
-    if collective is not None:
-        minibatches = list(minibatches)
+    requested = int(getattr(minibatches, "requested", 0) or 0)
+    note = str(getattr(minibatches, "note", "") or "")
+    seen: set[str] = set()
+    repeats = 0
+
+    def repeated(batch: Any) -> bool:  # a minibatch given again adds nothing
+        nonlocal repeats
+        key = batch_fingerprint(batch)
+        if key is not None and key in seen:
+            repeats += 1
+            return True
+        if key is not None:
+            seen.add(key)
+        return False
+
+    if collective is not None:  # the same repeats left out on every process, then shared
+        minibatches = [b for b in minibatches if not repeated(b)]
         minibatches = [minibatches[i] for i in collective.shard(len(minibatches))]
+    else:
+        minibatches = (b for b in minibatches if not repeated(b))
     error = None
     try:
         for x, y in minibatches:
@@ -450,10 +470,15 @@ def measure_alignment(
                          param="data")
     cos = np.array(cosines)
     a, a_ci = _ci95(list(np.abs(cos)))
-    signed, s_ci = _ci95(cosines)
+    signed, s_ci = _ci95(cosines, -1.0, 1.0)
     share = share_ci = None
     if shares:
         share, share_ci = _ci95(shares)
+    if repeats:
+        note = _sentence(note, f"{repeats} minibatches repeated an earlier one and were left "
+                               "out")
+    if len(cos) < 2:
+        note = _sentence(note, "no interval from a single minibatch")
     return AlignmentResult(
         alignment=a, ci95=a_ci, alignment_signed=signed, ci95_signed=s_ci,
         cosines=cos, batches=len(cos), top_k=top_k, topk_share=share,
@@ -461,7 +486,13 @@ def measure_alignment(
         converged=top.converged, rule=rule, alpha=alpha, hvps=op.hvp_count,
         seconds=time.perf_counter() - start, seed=seed,
         settings={"tol": tol, "hvp_mode": op.mode, "measure_samples": op.n_samples},
+        requested=requested or len(cos) + repeats, repeats=repeats, note=note,
+        interval_method="logit-t",
     )
+
+
+def _sentence(text: str, more: str) -> str:
+    return f"{text}; {more}" if text else more
 
 
 def optimizer_eigenvector(task: Any) -> Tensor | None:
@@ -484,7 +515,7 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
     Returns ``(result, task)``."""
     from dataclasses import replace
 
-    from hessdiag.data import random_minibatches
+    from hessdiag.data import draw_minibatches
     from hessdiag.task import load_data, load_task
 
     task = load_task(path, data=replace(data, samples=settings.samples), model_spec=model_spec,
@@ -501,8 +532,8 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
     full = task.data if task.data.batches is not None else load_data(
         replace(data, samples=None), task.checkpoint.data, where=f"checkpoint {path}",
         trusted=unsafe)
-    minibatches = random_minibatches(full, settings.batches, settings.batch_size,
-                                     settings.seed)
+    minibatches = draw_minibatches(full, settings.batches, settings.batch_size,
+                                   settings.seed)
     from hessdiag.distributed import collective
 
     group = collective()
