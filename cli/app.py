@@ -884,7 +884,8 @@ def align(
         else:
             render.stdout.print(render.alignment_line(path, done))
             if done.result.note:
-                render.stderr.print(render.escape(f"note: {path.name}: {done.result.note}"))
+                render.stderr.print(render.escape(f"note: {path.name}: {done.result.note}"),
+                                    soft_wrap=True)
         return done.final
 
     noted: set[str] = set()
