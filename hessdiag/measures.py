@@ -393,7 +393,14 @@ def measure_alignment(
     :class:`hessdiag.distributed.Collective`), ``measure_batches`` is this process's shard
     of the measurement set, ``minibatches`` all of them on every process: each process
     computes the cosines of its contiguous share of the minibatches and they are gathered
-    in order, so the result is the single-process one on every process."""
+    in order, so the result is the single-process one on every process.
+
+    A minibatch whose contents repeat an earlier one (:func:`hessdiag.data.batch_fingerprint`)
+    is left out; ``batches`` counts the distinct minibatches used, ``requested`` what was
+    asked for (``minibatches.requested`` when given, e.g. by
+    :func:`hessdiag.data.draw_minibatches`, whose ``note`` is carried over), and ``note``
+    says what was left out. Intervals: :func:`hessdiag.curvature.stats.bounded_mean_interval`
+    (inside [0, 1] and [-1, 1]); NaN from a single minibatch."""
     if rule not in RULES:
         raise InputError(f"rule must be one of {', '.join(RULES)}; got {rule!r}", param="rule")
     if top_k < 1:
@@ -426,16 +433,17 @@ def measure_alignment(
     requested = int(getattr(minibatches, "requested", 0) or 0)
     note = str(getattr(minibatches, "note", "") or "")
     seen: set[str] = set()
-    repeats = 0
+    repeats = given = 0
 
     def repeated(batch: Any) -> bool:  # a minibatch given again adds nothing
-        nonlocal repeats
+        nonlocal repeats, given
         key = batch_fingerprint(batch)
         if key is not None and key in seen:
             repeats += 1
             return True
         if key is not None:
             seen.add(key)
+        given += 1
         return False
 
     if collective is not None:  # the same repeats left out on every process, then shared
@@ -477,6 +485,9 @@ def measure_alignment(
     if repeats:
         note = _sentence(note, f"{repeats} minibatches repeated an earlier one and were left "
                                "out")
+    if given > len(cos):
+        note = _sentence(note, f"{given - len(cos)} minibatches had a zero gradient and were "
+                               "left out")
     if len(cos) < 2:
         note = _sentence(note, "no interval from a single minibatch")
     return AlignmentResult(
@@ -486,7 +497,7 @@ def measure_alignment(
         converged=top.converged, rule=rule, alpha=alpha, hvps=op.hvp_count,
         seconds=time.perf_counter() - start, seed=seed,
         settings={"tol": tol, "hvp_mode": op.mode, "measure_samples": op.n_samples},
-        requested=requested or len(cos) + repeats, repeats=repeats, note=note,
+        requested=requested or given + repeats, repeats=repeats, note=note,
         interval_method="logit-t",
     )
 

@@ -277,3 +277,24 @@ def test_the_reports_alignment_figure_stays_in_0_1(band_store, tmp_path):
     text = path.read_text()
     assert "id=alignment" in text and "logit" in CAPTIONS["alignment"]
     assert "moving mean and its 95% t-interval" not in text
+
+
+def test_measure_alignment_leaves_out_repeated_minibatches():
+    from torch import nn
+
+    from hessdiag.align import measure_alignment
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    loss = nn.CrossEntropyLoss()
+    batches = [(torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,)))
+               for _ in range(3)]
+    given = [batches[0], batches[1], (batches[0][0].clone(), batches[0][1].clone()),
+             batches[2]]
+    result = measure_alignment(model, loss, batches[0], given, tol=1e-8)
+    assert result.batches == 3 and result.repeats == 1 and result.requested == 4
+    assert "1 minibatches repeated an earlier one" in result.note
+    assert 0 <= result.ci95[0] <= result.alignment <= result.ci95[1] <= 1
+    alone = measure_alignment(model, loss, batches[0], batches, tol=1e-8)
+    np.testing.assert_allclose(np.sort(result.cosines), np.sort(alone.cosines))
+    assert alone.note == "" and alone.repeats == 0
