@@ -263,10 +263,9 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser",
                     "(apt-get install chromium)")
 def test_report_renders_in_headless_chromium(store, tmp_path):
     """The page as a browser draws it, offline: the screenshot holds the figures (the
-    embedded images decode and cover a large part of the page)."""
-    import subprocess
-
+    embedded images decode and draw far more than the same page without them)."""
     import re
+    import subprocess
 
     from hessdiag.report import write_report
 
