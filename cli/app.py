@@ -902,6 +902,9 @@ def align(
                               **done.result.to_dict(), "analysis_id": done.analysis_id})
         else:
             render.stdout.print(render.alignment_line(path, done))
+            if done.result.note:
+                render.stderr.print(render.escape(f"note: {path.name}: {done.result.note}"),
+                                    soft_wrap=True)
         return done.final
 
     noted: set[str] = set()

@@ -232,12 +232,19 @@ def alignment_line(path, done) -> str:
     r = done.result
     ck = done.task.checkpoint
     step = "" if ck.step is None else f" step {ck.step}"
+    def ci(pair, digits: int) -> str:
+        lo, hi = pair
+        return "no interval" if lo != lo or hi != hi else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
     share = "" if r.topk_share is None else (
-        f", top-{r.top_k} share {r.topk_share:.3f} [{r.topk_share_ci95[0]:.3f}, "
-        f"{r.topk_share_ci95[1]:.3f}]")
+        f", top-{r.top_k} share {r.topk_share:.3f} {ci(r.topk_share_ci95, 3)}")
     conv = "" if r.converged[0] else " [red](not converged)[/red]"
+    used = f"{r.batches} batches" if r.batches == r.requested or not r.requested else \
+        f"{r.batches} of {r.requested} batches"
+    interval = f"({used}: no interval)" if ci(r.ci95, 4) == "no interval" else \
+        f"{ci(r.ci95, 4)} (95% CI, {used})"
     return (f"{path.name}{step}: {r.rule} alignment |cos| {r.alignment:.4f} "
-            f"[{r.ci95[0]:.4f}, {r.ci95[1]:.4f}] (95% CI, {r.batches} batches), signed "
+            f"{interval}, signed "
             f"{r.alignment_signed:+.4f}, λ_max {r.lambda_max:.5g}{conv}{share}; "
             f"analysis {done.analysis_id}")
 

@@ -18,9 +18,14 @@ fixed measurement set, the alignment of a perturbation ``e`` is ``|<e, v>| / ||e
 
 The cosine does not depend on the radius ``rho``, so none is asked for.
 
-:func:`measure_alignment` averages over ``B`` minibatches (mean of ``|cos|`` and of the
-signed cosine, each with a 95% t-interval) and, with ``top_k > 1``, reports the share
-``||V_k^T e||^2 / ||e||^2`` of the perturbation inside the top-``k`` eigenspace.
+:func:`measure_alignment` averages over ``B`` distinct minibatches (mean of ``|cos|`` and
+of the signed cosine, each with a 95% interval inside its range, a Student-t interval on
+the logit scale: :func:`hessdiag.curvature.stats.bounded_mean_interval`; a minibatch given
+twice counts once, and one minibatch gives no interval) and, with ``top_k > 1``, reports
+the share ``||V_k^T e||^2 / ||e||^2`` of the perturbation inside the top-``k``
+eigenspace. :func:`align_checkpoint` draws the minibatches with
+:func:`hessdiag.data.draw_minibatches` (distinct samples, never one twice; its ``note``
+says when a small data set holds fewer than asked).
 :class:`AlignmentProbe` measures the same inside a user's own training loop.
 """
 

@@ -21,14 +21,17 @@ magnitude of the most negative eigenvalue, ``lambda_ratio`` the ratio
 ``|cos|`` of the perturbations of the baseline's rule with the top eigenvector, over
 minibatches; stochastic) is worse when *lower*: the check fails when it drops below
 ``baseline * (1 - rtol) - noise``, i.e. when the perturbation stopped following the
-sharpest direction. ``critical_sharpness`` (``2 / lr_c``, see :mod:`hessdiag.sharpness`)
-counts half the width of its final line-search bracket as its noise;
-``adaptive_sharpness`` (rho 0.05, ascent to relative tolerance 1e-3, see
-:mod:`hessdiag.sharpness`) is deterministic given the data and has none; an ascent that
-did not converge within its steps, or a critical sharpness that is undefined (zero
-gradient), is never compared: :class:`NotConverged`, as for eigenvalues. Both are sharper
-when larger. Absolute limits (``max_lambda``, ``max_trace``, ``max_ratio``) apply with
-or without a baseline.
+sharpest direction. Its noise is the trace's rule with the standard error
+``std(|cos|) / sqrt(n)`` over the ``n`` distinct minibatches (the natural-scale error
+from which ``align`` builds its logit-scale interval); a measurement from fewer than two
+distinct minibatches has no noise estimate and is refused. ``critical_sharpness``
+(``2 / lr_c``, see :mod:`hessdiag.sharpness`) counts half the width of its final
+line-search bracket as its noise; ``adaptive_sharpness`` (rho 0.05, ascent to relative
+tolerance 1e-3, see :mod:`hessdiag.sharpness`) is deterministic given the data and has
+none; an ascent that did not converge within its steps, or a critical sharpness that is
+undefined (zero gradient), is never compared: :class:`NotConverged`, as for eigenvalues.
+Both are sharper when larger. Absolute limits (``max_lambda``, ``max_trace``,
+``max_ratio``) apply with or without a baseline.
 
 A baseline whose settings cannot be reproduced (another model, data, loss, split or
 number of samples) is bad input, never a silent comparison.
@@ -54,7 +57,7 @@ import numpy as np
 
 from hessdiag._errors import InputError
 from hessdiag.curvature.lanczos import default_tol
-from hessdiag.curvature.stats import mean_interval
+from hessdiag.curvature.stats import bounded_mean_interval
 from hessdiag.distributed import collective, is_main
 from hessdiag.measures import checkpoint_alignment, compute_spectrum
 from hessdiag.records import provenance, read_spectrum
@@ -238,7 +241,15 @@ def metric_values(result: SpectrumResult, metrics: tuple[str, ...],
                            "rho": measured.rho, "steps": measured.steps,
                            "converged": measured.converged}
         elif metric == "alignment":
-            _, stderr, _, _ = mean_interval(np.abs(alignment.cosines))
+            # the standard error of the mean |cos| over the distinct minibatches: the
+            # natural-scale error the alignment's logit-scale interval is built from
+            _, stderr, _, _ = bounded_mean_interval(np.abs(alignment.cosines))
+            if not math.isfinite(stderr):
+                raise InputError(
+                    f"the alignment metric needs at least two distinct minibatches for its "
+                    f"noise term; the measurement has {len(alignment.cosines)}"
+                    + (f" ({alignment.note})" if alignment.note else "")
+                    + ": use a smaller align batch size or more data", param="metrics")
             out[metric] = {"value": alignment.alignment, "stderr": stderr,
                            "n": len(alignment.cosines),
                            "rule": alignment.rule, "kind": "stochastic"}

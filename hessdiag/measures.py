@@ -43,8 +43,8 @@ from hessdiag.curvature.preconditioned import (
     adam_preconditioner,
     adam_threshold,
 )
-from hessdiag.curvature.stats import mean_interval
-from hessdiag.data import to_device
+from hessdiag.curvature.stats import bounded_mean_interval
+from hessdiag.data import batch_fingerprint, to_device
 from hessdiag.optim import perturbation
 from hessdiag.results import AlignmentResult, LayerSharpness, SpectrumResult
 from hessdiag.runtime import PeakMemory, resolve_device, resolve_dtype
@@ -363,8 +363,11 @@ def _layer(model: nn.Module, loss_fn: Any, data: Any, s: SpectrumSettings, names
 # --------------------------------------------------------------------------- alignment
 
 
-def _ci95(values: list[float]) -> tuple[float, tuple[float, float]]:
-    mean, _, lo, hi = mean_interval(np.asarray(values, dtype=float))
+def _ci95(values: list[float], low: float = 0.0, high: float = 1.0
+          ) -> tuple[float, tuple[float, float]]:
+    """The mean of values in ``[low, high]`` with its 95% interval inside that range
+    (NaN from fewer than two values)."""
+    mean, _, lo, hi = bounded_mean_interval(np.asarray(values, dtype=float), low, high)
     return float(mean), (float(lo), float(hi))
 
 
@@ -392,7 +395,14 @@ def measure_alignment(
     :class:`hessdiag.distributed.Collective`), ``measure_batches`` is this process's shard
     of the measurement set, ``minibatches`` all of them on every process: each process
     computes the cosines of its contiguous share of the minibatches and they are gathered
-    in order, so the result is the single-process one on every process."""
+    in order, so the result is the single-process one on every process.
+
+    A minibatch whose contents repeat an earlier one (:func:`hessdiag.data.batch_fingerprint`)
+    is left out; ``batches`` counts the distinct minibatches used, ``requested`` what was
+    asked for (``minibatches.requested`` when given, e.g. by
+    :func:`hessdiag.data.draw_minibatches`, whose ``note`` is carried over), and ``note``
+    says what was left out. Intervals: :func:`hessdiag.curvature.stats.bounded_mean_interval`
+    (inside [0, 1] and [-1, 1]); NaN from a single minibatch."""
     if rule not in RULES:
         raise InputError(f"rule must be one of {', '.join(RULES)}; got {rule!r}", param="rule")
     if top_k < 1:
@@ -422,9 +432,27 @@ def measure_alignment(
                          param="rule")
     base = "eigensam" if rule.startswith("eigensam") else rule
     cosines, shares = [], []
-    if collective is not None:
-        minibatches = list(minibatches)
+    requested = int(getattr(minibatches, "requested", 0) or 0)
+    note = str(getattr(minibatches, "note", "") or "")
+    seen: set[str] = set()
+    repeats = given = 0
+
+    def repeated(batch: Any) -> bool:  # a minibatch given again adds nothing
+        nonlocal repeats, given
+        key = batch_fingerprint(batch)
+        if key is not None and key in seen:
+            repeats += 1
+            return True
+        if key is not None:
+            seen.add(key)
+        given += 1
+        return False
+
+    if collective is not None:  # the same repeats left out on every process, then shared
+        minibatches = [b for b in minibatches if not repeated(b)]
         minibatches = [minibatches[i] for i in collective.shard(len(minibatches))]
+    else:
+        minibatches = (b for b in minibatches if not repeated(b))
     error = None
     try:
         for x, y in minibatches:
@@ -452,10 +480,18 @@ def measure_alignment(
                          param="data")
     cos = np.array(cosines)
     a, a_ci = _ci95(list(np.abs(cos)))
-    signed, s_ci = _ci95(cosines)
+    signed, s_ci = _ci95(cosines, -1.0, 1.0)
     share = share_ci = None
     if shares:
         share, share_ci = _ci95(shares)
+    if repeats:
+        note = _sentence(note, f"{repeats} minibatches repeated an earlier one and were left "
+                               "out")
+    if given > len(cos):
+        note = _sentence(note, f"{given - len(cos)} minibatches had a zero gradient and were "
+                               "left out")
+    if len(cos) < 2:
+        note = _sentence(note, "no interval from a single minibatch")
     return AlignmentResult(
         alignment=a, ci95=a_ci, alignment_signed=signed, ci95_signed=s_ci,
         cosines=cos, batches=len(cos), top_k=top_k, topk_share=share,
@@ -463,7 +499,13 @@ def measure_alignment(
         converged=top.converged, rule=rule, alpha=alpha, hvps=op.hvp_count,
         seconds=time.perf_counter() - start, seed=seed,
         settings={"tol": tol, "hvp_mode": op.mode, "measure_samples": op.n_samples},
+        requested=requested or given + repeats, repeats=repeats, note=note,
+        interval_method="logit-t",
     )
+
+
+def _sentence(text: str, more: str) -> str:
+    return f"{text}; {more}" if text else more
 
 
 def optimizer_eigenvector(task: Any) -> Tensor | None:
@@ -486,7 +528,7 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
     Returns ``(result, task)``."""
     from dataclasses import replace
 
-    from hessdiag.data import random_minibatches
+    from hessdiag.data import draw_minibatches
     from hessdiag.task import load_data, load_task
 
     task = load_task(path, data=replace(data, samples=settings.samples), model_spec=model_spec,
@@ -503,8 +545,8 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
     full = task.data if task.data.batches is not None else load_data(
         replace(data, samples=None), task.checkpoint.data, where=f"checkpoint {path}",
         trusted=unsafe)
-    minibatches = random_minibatches(full, settings.batches, settings.batch_size,
-                                     settings.seed)
+    minibatches = draw_minibatches(full, settings.batches, settings.batch_size,
+                                   settings.seed)
     from hessdiag.distributed import collective
 
     group = collective()

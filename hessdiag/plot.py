@@ -17,7 +17,9 @@ training       loss and accuracy (train and test) of several runs
 sharpness      lambda_max along training for several runs, with each run's stability
                threshold (``2 (1 + momentum) / lr``, Nesterov ``2 (1 + momentum) / ((1 +
                2 momentum) lr)``, at the logged learning rate)
-alignment      alignment along training, a 95% band from a moving window, per run
+alignment      alignment along training per run: logged values, and 95% intervals
+               (logit scale, inside [0, 1]) of align analyses of its checkpoints,
+               else of windows of at least 10 logged values
 layers         per-layer lambda_max of one analysis as bars, error bars = residuals
 landscape      a stored loss landscape: 1-D curves or a 2-D contour
 =============  ==========================================================================
@@ -34,7 +36,7 @@ import numpy as np
 
 from hessdiag._errors import InputError
 from hessdiag.curvature import SLQResult
-from hessdiag.curvature.stats import mean_interval
+from hessdiag.curvature.stats import bounded_mean_interval
 from hessdiag.stability import raw_threshold, run_variant
 
 WHAT = ("density", "eigenvalues", "training", "sharpness", "alignment", "layers", "landscape")
@@ -336,9 +338,17 @@ def sharpness_figure(runs: Sequence[Any], *, title: str | None = None) -> Any:
     return _finish(fig, title or "Sharpness along training (dotted: stability threshold)")
 
 
-def moving_band(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The mean of each centred window of ``window`` values with its 95% t-interval
-    (windows are cut at the ends; a window of fewer than two values has no band)."""
+MIN_BAND_VALUES = 10
+"""Fewest logged values a window of the alignment band is drawn from (a Student-t quantile
+with fewer degrees of freedom makes a band that says nothing: from 3 values, t = 4.3)."""
+
+
+def moving_band(values: np.ndarray, window: int, min_values: int = MIN_BAND_VALUES
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mean of each centred window of ``window`` values in [0, 1] with its 95% interval
+    on the logit scale (:func:`hessdiag.curvature.stats.bounded_mean_interval`, inside
+    [0, 1]); windows are cut at the ends, and one of fewer than ``min_values`` values has
+    no band (NaN)."""
     values = np.asarray(values, dtype=float)
     half = window // 2
     mean, low, high = (np.full(len(values), np.nan) for _ in range(3))
@@ -346,47 +356,92 @@ def moving_band(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray
         part = values[max(0, i - half): i + half + 1]
         part = part[np.isfinite(part)]
         if len(part):
-            m, _, lo, hi = mean_interval(part)
+            m, _, lo, hi = bounded_mean_interval(part, 0.0, 1.0)
             mean[i] = m
-            if len(part) >= 2:
+            if len(part) >= max(min_values, 2):
                 low[i], high[i] = lo, hi
     return mean, low, high
 
 
-def alignment_figure(runs: Sequence[Any], *, window: int | None = None,
-                     title: str | None = None) -> Any:
-    """|cos| between each run's perturbation and the top eigenvector along training:
-    the logged values (dots) and their moving mean with its 95% band."""
+def checkpoint_intervals(records: Sequence[Any]
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(step, mean |cos|, low, high, minibatches)`` of alignment analyses of a run's
+    checkpoints, in step order, recomputed from their stored per-minibatch cosines: the
+    mean of ``|cos|`` with its 95% logit-scale interval (inside [0, 1]; NaN from a single
+    minibatch). Analyses without a training step are left out."""
+    rows = []
+    for record in records:
+        step = record.attrs.get("step", -1)
+        cos = record.arrays.get("alignment/cosine")
+        if step is None or int(step) < 0 or cos is None:
+            continue
+        cos = np.abs(np.asarray(cos, dtype=float))
+        cos = cos[np.isfinite(cos)]
+        if len(cos):
+            m, _, lo, hi = bounded_mean_interval(cos, 0.0, 1.0)
+            rows.append((int(step), m, lo, hi, len(cos)))
+    rows.sort(key=lambda r: r[0])
+    cols = [np.array([r[j] for r in rows], dtype=float) for j in range(5)]
+    return cols[0], cols[1], cols[2], cols[3], cols[4]
+
+
+def alignment_figure(runs: Sequence[Any], *, analyses: Sequence[Any] = (),
+                     window: int | None = None, title: str | None = None) -> Any:
+    """|cos| between each run's perturbation and the top eigenvector along training.
+
+    * The logged values (dots): one minibatch's perturbation at each logged step.
+    * Where ``analyses`` (``align`` on the run's checkpoints) hold per-minibatch cosines:
+      each checkpoint's mean |cos| with its 95% interval over those minibatches (error
+      bars), the band that measures something at one set of weights.
+    * Otherwise, a moving mean of the logged values with a 95% band over windows of at
+      least :data:`MIN_BAND_VALUES` values (``window``: by default a tenth of the values,
+      at least 11); a run with fewer logged values has dots only.
+
+    Every interval is on the logit scale, inside [0, 1]."""
     fig, axes = _new()
     ax = axes[0, 0]
     drawn = 0
     for i, run in enumerate(runs):
         color = COLORS[i % len(COLORS)]
+        mine = [r for r in analyses if r.attrs.get("run_id") == run.id]
+        ck_step, ck_mean, ck_low, ck_high, ck_n = checkpoint_intervals(mine)
         for table in ("sharpness", "alignment"):
             step, cos = _column(run, table, "step"), _column(run, table, "alignment")
             if cos is not None and np.isfinite(cos).any():
                 break
         else:
+            step = cos = None
+        if cos is None and not len(ck_step):
             continue
-        keep = np.isfinite(cos)
-        step, cos = step[keep], cos[keep]
-        w = window or max(3, len(cos) // 10) | 1
-        mean, low, high = moving_band(cos, w)
-        ax.plot(step, cos, ".", color=color, ms=3, alpha=0.5, gid=f"alignment:{run.id}")
-        ax.plot(step, mean, color=color, lw=1.4, gid=f"mean:{run.id}",
-                label=f"{_label(run)} (mean of {w})")
-        # |cos| lies in [0, 1]: the band is drawn clipped to it
-        ax.fill_between(step, np.clip(low, 0, 1), np.clip(high, 0, 1), color=color,
-                        alpha=0.2, lw=0, gid=f"band:{run.id}")
+        if cos is not None:
+            keep = np.isfinite(cos)
+            step, cos = step[keep], cos[keep]
+            ax.plot(step, cos, ".", color=color, ms=3, alpha=0.5, gid=f"alignment:{run.id}",
+                    label=f"{_label(run)} logged")
+        if len(ck_step):
+            below = np.where(np.isfinite(ck_low), ck_mean - ck_low, 0.0)
+            above = np.where(np.isfinite(ck_high), ck_high - ck_mean, 0.0)
+            ax.errorbar(ck_step, ck_mean, yerr=np.vstack([below, above]), color=color,
+                        marker="o", ms=4, lw=1.4, capsize=2.5, gid=f"checkpoints:{run.id}",
+                        label=f"{_label(run)} checkpoints (95% CI over "
+                              f"{int(ck_n.min())}-{int(ck_n.max())} minibatches)")
+        elif cos is not None and len(cos) >= MIN_BAND_VALUES:
+            w = window or max(MIN_BAND_VALUES + 1, len(cos) // 10) | 1
+            mean, low, high = moving_band(cos, w)
+            ax.plot(step, mean, color=color, lw=1.4, gid=f"mean:{run.id}",
+                    label=f"{_label(run)} (mean of {w})")
+            ax.fill_between(step, low, high, color=color, alpha=0.2, lw=0,
+                            gid=f"band:{run.id}")
         drawn += 1
     if not drawn:
         raise InputError("none of the selected runs logged alignment: train SAM or Eigen-SAM "
-                         "with --sharpness-every N, or use an AlignmentProbe", param="runs")
+                         "with --sharpness-every N, use an AlignmentProbe, or run align on "
+                         "the run's checkpoints", param="runs")
     ax.set_xlabel("step")
     ax.set_ylabel("|cos(perturbation, top eigenvector)|")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, frameon=False)
-    return _finish(fig, title or "Alignment along training (band: 95% t-interval)")
+    return _finish(fig, title or "Alignment along training (95% intervals, logit scale)")
 
 
 # --------------------------------------------------------------------------- landscapes
@@ -511,6 +566,10 @@ def figure(store: Any, what: str, *, runs: Sequence[str] | None = None,
         return landscape_figure(select_analyses(store, analyses, "landscape")[-1],
                                 title=title)
     chosen = select_runs(store, runs)
-    draw = {"training": training_figure, "sharpness": sharpness_figure,
-            "alignment": alignment_figure}[what]
+    if what == "alignment":
+        ids = {r.id for r in chosen}
+        mine = [r for r in store.analyses() if r.kind == "alignment"
+                and r.attrs.get("run_id") in ids]
+        return alignment_figure(chosen, analyses=mine, title=title)
+    draw = {"training": training_figure, "sharpness": sharpness_figure}[what]
     return draw(chosen, title=title)

@@ -44,7 +44,10 @@ CAPTIONS = {
     "sharpness": "lambda_max along training (error bars: residual norms); dotted: each run's "
                  "stability threshold 2(1+momentum)/lr at its logged learning rate.",
     "alignment": "|cos| between the perturbation and the top Hessian eigenvector along "
-                 "training: logged values, moving mean and its 95% t-interval.",
+                 "training: logged values (dots); error bars: each checkpoint's mean over "
+                 "the minibatches of an align analysis with its 95% interval, or else a "
+                 "band over windows of at least 10 logged values (intervals on the logit "
+                 "scale, inside [0, 1]).",
     "density": "Spectral density by stochastic Lanczos quadrature (log scale); dashed: the "
                "top eigenvalues by Lanczos.",
     "eigenvalues": "Top eigenvalues and lambda_min across a run's checkpoints (error bars: "

@@ -142,11 +142,19 @@ class SpectrumResult:
 class AlignmentResult:
     """Alignment of perturbations with the top eigenvector(s) at one set of weights.
 
-    ``alignment`` is the mean of ``|cos(e, v)|`` over ``batches`` minibatches,
-    ``alignment_signed`` the mean of ``cos(e, v)``, each with a 95% t-interval;
+    ``alignment`` is the mean of ``|cos(e, v)|`` over ``batches`` distinct minibatches,
+    ``alignment_signed`` the mean of ``cos(e, v)``, each with a 95% interval (``ci95``,
+    ``ci95_signed``) that stays in the quantity's range (``interval_method``
+    ``"logit-t"``: see :func:`hessdiag.curvature.stats.bounded_mean_interval`; results
+    read from stores written before it hold the plain Student-t interval, ``"student-t"``);
     ``topk_share`` the mean share ``||V_k^T e||^2 / ||e||^2`` of ``e`` inside the top-k
     eigenspace. ``eigenvalues`` etc. are those of the measurement set's Hessian;
     ``rule`` names the perturbation measured (see :mod:`hessdiag.align`).
+
+    ``requested``: minibatches asked for (0: not recorded); ``repeats``: minibatches given
+    that repeated an earlier one and were left out; ``note``: what was used when it is not
+    what was asked (fewer or smaller minibatches), and why an interval is missing. With one
+    minibatch the intervals are NaN: no interval is made from a single value.
     """
 
     alignment: float
@@ -167,6 +175,10 @@ class AlignmentResult:
     seconds: float
     seed: int
     settings: dict[str, Any] = field(default_factory=dict)
+    requested: int = 0
+    repeats: int = 0
+    note: str = ""
+    interval_method: str = "student-t"
 
     @property
     def lambda_max(self) -> float:
@@ -178,7 +190,9 @@ class AlignmentResult:
             "ci95": [_float(v) for v in self.ci95],
             "ci95_signed": [_float(v) for v in self.ci95_signed],
             "cosines": [float(c) for c in self.cosines],
-            "batches": self.batches, "lambda_max": self.lambda_max,
+            "batches": self.batches, "batches_requested": self.requested,
+            "repeats_skipped": self.repeats, "note": self.note,
+            "interval_method": self.interval_method, "lambda_max": self.lambda_max,
             "eigenvalues": [float(v) for v in self.eigenvalues],
             "residuals": [float(v) for v in self.residuals],
             "converged": [bool(c) for c in self.converged],

@@ -45,6 +45,12 @@ def store(tmp_path_factory):
         out = runner.invoke(app, ["spectrum", ck, "--samples", "128", "--top-k", "2",
                                   "--store", str(path), "--quiet", *extra])
         assert out.exit_code == 0, out.output
+    # align on the SAM run's checkpoints: per-checkpoint intervals for the alignment figure
+    for ck in source.run("run-sam").arrays["checkpoints/path"]:
+        ck = ck.decode() if isinstance(ck, bytes) else str(ck)
+        out = runner.invoke(app, ["align", ck, "--batches", "6", "--batch-size", "32",
+                                  "--samples", "64", "--store", str(path), "--quiet"])
+        assert out.exit_code == 0, out.output
     return source
 
 
@@ -100,29 +106,40 @@ def test_stability_threshold_is_two_over_lr_without_momentum_and_absent_for_adam
     np.testing.assert_allclose(values, [38.0, 76.0])
 
 
-def test_alignment_band_is_the_t_interval_of_each_window(store):
+def test_alignment_intervals_are_per_checkpoint_from_the_stored_cosines(store):
+    """A run with align analyses of its checkpoints: error bars from each analysis's
+    per-minibatch cosines (logit-scale intervals, inside [0, 1]); its few logged values
+    (fewer than MIN_BAND_VALUES) get no moving band."""
+    from hessdiag.curvature.stats import bounded_mean_interval
+    from hessdiag.plot import MIN_BAND_VALUES
+
     fig = figure(store, "alignment", runs=["run-sam"])
     ax = fig.axes[0]
     x = store.run("run-sam").arrays
     cos = x["sharpness/alignment"]
     keep = np.isfinite(cos)
     np.testing.assert_array_equal(_line(ax, "alignment:run-sam").get_ydata(), cos[keep])
-    mean = _line(ax, "mean:run-sam").get_ydata()
-    w = max(3, keep.sum() // 10) | 1
-    expected_mean, low, high = moving_band(cos[keep], w)
-    np.testing.assert_allclose(mean, expected_mean)
-    # the band: windows of >= 2 values hold the Student-t interval around their mean
-    from hessdiag.curvature.stats import mean_interval
-    window = cos[keep][:2]  # the first centred window of 3 is cut to 2 values
-    _, _, lo, hi = mean_interval(window)
-    assert low[0] == pytest.approx(lo) and high[0] == pytest.approx(hi)
+    assert keep.sum() < MIN_BAND_VALUES
+    assert not [c for c in ax.collections if c.get_gid() == "band:run-sam"]
+    (bars,) = [c for c in ax.containers if c.lines[0].get_gid() == "checkpoints:run-sam"]
+    records = sorted((r for r in store.analyses() if r.kind == "alignment"
+                      and r.attrs.get("run_id") == "run-sam"), key=lambda r: r.attrs["step"])
+    assert len(records) >= 2
+    np.testing.assert_array_equal(bars.lines[0].get_xdata(),
+                                  [r.attrs["step"] for r in records])
+    for record, segment in zip(records, bars.lines[2][0].get_segments(), strict=True):
+        mean, _, lo, hi = bounded_mean_interval(np.abs(record.arrays["alignment/cosine"]))
+        assert (segment[0, 1], segment[1, 1]) == (pytest.approx(lo), pytest.approx(hi))
+        assert 0 <= lo <= mean <= hi <= 1
 
 
 def test_moving_band_of_constant_values_has_zero_width():
-    mean, low, high = moving_band(np.full(7, 0.4), 3)
+    mean, low, high = moving_band(np.full(7, 0.4), 3, min_values=2)
     np.testing.assert_allclose(mean, 0.4)
     np.testing.assert_allclose(low, 0.4)
     np.testing.assert_allclose(high, 0.4)
+    # windows of fewer than MIN_BAND_VALUES values: no band
+    assert np.isnan(moving_band(np.full(7, 0.4), 3)[1]).all()
 
 
 def test_eigenvalues_across_checkpoints_with_residual_error_bars(store):
@@ -251,20 +268,28 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser",
                     "(apt-get install chromium)")
 def test_report_renders_in_headless_chromium(store, tmp_path):
     """The page as a browser draws it, offline: the screenshot holds the figures (the
-    embedded images decode and cover a large part of the page)."""
+    embedded images decode and draw far more than the same page without them)."""
+    import re
     import subprocess
 
-    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
     from hessdiag.report import write_report
 
-    write_report(store, page)
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400",
-                    f"--screenshot={shot}", page.as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    image = matplotlib.image.imread(shot)
-    assert image.shape[:2] == (2400, 1200)
-    not_white = (image[..., :3] < 0.9).any(axis=2)
-    # text alone covers a few percent; figures with their lines, bands and fills far more
-    assert not_white.mean() > 0.05
+    def ink(page):
+        shot = page.with_suffix(".png")
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--disable-background-networking", "--no-first-run",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400",
+                        f"--screenshot={shot}", page.as_uri()],
+                       check=True, capture_output=True, timeout=120)
+        image = matplotlib.image.imread(shot)
+        assert image.shape[:2] == (2400, 1200)
+        return float((image[..., :3] < 0.9).any(axis=2).mean())
+
+    page = write_report(store, tmp_path / "report.html")
+    # the same page with every image's data removed: what the text alone draws
+    blank = tmp_path / "blank.html"
+    blank.write_text(re.sub(r"src='data:image/png;base64,[^']*'", "src=''",
+                            page.read_text()))
+    with_figures, text_only = ink(page), ink(blank)
+    # the figures (lines, markers, error bars, bands) add far more than the text draws
+    assert with_figures > 0.04 and with_figures - text_only > 0.02, (with_figures, text_only)

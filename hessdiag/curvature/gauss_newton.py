@@ -40,6 +40,14 @@ mse                ``2 I / E``.
 other losses       by automatic differentiation (a Hessian-vector product of the loss with
                    respect to its outputs).
 =================  ==========================================================================
+
+The class axis of ``cross-entropy`` and ``nll`` outputs with three or more dimensions:
+dimension 1 for torch's ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` (PyTorch's convention,
+``(B, C, d1, ...)``), also when ``likelihood=`` is passed explicitly; the last dimension for
+hessdiag's own losses (per token, ``(B, L, C)``); for any other callable with an explicit
+``likelihood=``, the axis the targets' shape fits, and when both fit (``(B, C, C)`` with
+targets ``(B, C)``) the one on which the loss's value is that likelihood, else a
+``ValueError``: never a silent guess.
 """
 
 from __future__ import annotations
@@ -123,9 +131,9 @@ class _OutputCurvature(HessianOperator):
         self.requested_mode = mode
         self.mode = None if mode == "auto" else mode
         self.likelihood = likelihood or likelihood_of(loss_fn)
-        # torch's class-index losses take the classes in dimension 1; hessdiag's in the last
-        self._class_dim = 1 if likelihood is None and isinstance(
-            loss_fn, nn.CrossEntropyLoss | nn.NLLLoss) else -1
+        # where a class-index loss keeps its classes (see _class_axis); None: decided on the
+        # first batch whose outputs have three or more dimensions
+        self._class_dim: int | None = _class_axis(loss_fn)
 
     # ------------------------------------------------------------------ products
     def _jvp(self, mode: str, v: dict[str, Tensor], inputs: Any
@@ -226,6 +234,37 @@ class _OutputCurvature(HessianOperator):
         return {"curvature": self.curvature, **out, "likelihood": self.likelihood}
 
     # ------------------------------------------------------------------ output space
+    def _resolve_class_dim(self, f: Tensor, targets: Any) -> None:
+        """Decide the class axis of outputs ``f`` with three or more dimensions for a loss
+        that does not say it (:func:`_class_axis`): the axis the targets' shape fits, and
+        when it fits both (``(B, C, C)`` with targets ``(B, C)``), the axis on which the
+        loss's own value is the likelihood's; a :class:`ValueError` when that cannot tell
+        them apart either. Never a guess."""
+        if self._class_dim is not None or f.dim() < 3 or not isinstance(targets, Tensor):
+            return
+        shapes = {1: (f.shape[0], *f.shape[2:]), -1: tuple(f.shape[:-1])}
+        fits = [d for d, shape in shapes.items() if tuple(shape) == tuple(targets.shape)]
+        if len(fits) == 2:
+            with torch.no_grad():
+                value = self.loss_fn(f, targets)
+                fits = [d for d in fits if _likelihood_value(self.likelihood, f, targets, d)
+                        .isclose(value.to(f.dtype), rtol=1e-5, atol=1e-7)]
+            if len(fits) != 1:
+                raise ValueError(
+                    f"cannot tell the class axis of outputs {tuple(f.shape)} with targets "
+                    f"{tuple(targets.shape)} for likelihood {self.likelihood}: classes on "
+                    "dimension 1 (torch's convention) and on the last dimension (hessdiag's) "
+                    "both fit, and the loss's value "
+                    + ("matches both" if fits else "matches neither")
+                    + "; pass nn.CrossEntropyLoss/nn.NLLLoss (classes on dimension 1) or "
+                    "hessdiag's loss (hessdiag.losses.resolve_loss: classes last)")
+        if not fits:
+            raise ValueError(
+                f"loss {self.likelihood} needs targets of the outputs' shape without the "
+                f"class axis; outputs {tuple(f.shape)} and targets {tuple(targets.shape)} "
+                "fit neither classes on dimension 1 nor classes last")
+        self._class_dim = fits[0]
+
     def _terms(self, x: Tensor) -> Tensor:
         """Outputs of a class-index loss as ``(terms, classes)``."""
         if self._class_dim == 1 and x.dim() > 2:
@@ -239,6 +278,7 @@ class _OutputCurvature(HessianOperator):
 
     def _class_targets(self, f: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(mask, targets)`` per term of a class-index loss (mask: not padding)."""
+        self._resolve_class_dim(f, targets)
         rows = self._terms(f)
         if not isinstance(targets, Tensor) or targets.is_floating_point() \
                 or targets.numel() != rows.shape[0]:
@@ -246,7 +286,7 @@ class _OutputCurvature(HessianOperator):
                     if isinstance(targets, Tensor) else type(targets).__name__)
             raise ValueError(f"loss {self.likelihood} needs one integer class target per row "
                              f"of outputs {tuple(f.shape)}; got {what}")
-        t = targets.reshape(-1).to(f.device)
+        t = targets.reshape(-1).to(f.device)  # (B, d1, ...): the rows' order either way
         return t != IGNORE_INDEX, t
 
 
@@ -403,6 +443,27 @@ class FisherOperator(_OutputCurvature):
         if self.kind == "mc":
             out.update(seed=self.seed, mc_samples=self.mc_samples)
         return out
+
+
+def _class_axis(loss_fn: Any) -> int | None:
+    """The class axis of a class-index loss's outputs with three or more dimensions:
+    ``1`` for torch's ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` (PyTorch takes
+    ``(B, C, d1, ...)``), whatever ``likelihood`` is passed; ``-1`` for a loss that names its
+    likelihood itself (hessdiag's :class:`~hessdiag.losses.Loss`: ``(B, L, C)``); ``None``
+    for any other callable: decided from the first batch (see
+    ``_OutputCurvature._resolve_class_dim``)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss):
+        return 1
+    if getattr(loss_fn, "likelihood", None) in LIKELIHOODS:
+        return -1
+    return None
+
+
+def _likelihood_value(kind: str | None, f: Tensor, targets: Tensor, dim: int) -> Tensor:
+    """The mean cross-entropy (or NLL) of outputs ``f`` with classes on ``dim``."""
+    x = f if dim == 1 else f.movedim(-1, 1)
+    fn = nn.functional.cross_entropy if kind == "cross-entropy" else nn.functional.nll_loss
+    return fn(x, targets.to(f.device), ignore_index=IGNORE_INDEX)
 
 
 def _tensor_outputs(outputs: Any) -> Tensor:

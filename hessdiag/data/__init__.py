@@ -3,8 +3,11 @@
 images) and four generated example tasks ship with hessdiag."""
 
 from hessdiag.data.batching import (
+    Minibatches,
+    batch_fingerprint,
     batch_of,
     collate,
+    draw_minibatches,
     fixed_batches,
     random_minibatches,
     to_device,
@@ -20,6 +23,7 @@ from hessdiag.data.registry import (
     load_dataset,
 )
 
-__all__ = ["DIGITS_MEAN", "DIGITS_STD", "FACTS", "DataInfo", "DatasetInfoRow", "batch_of",
-           "batch_samples", "collate", "default_download_root", "fixed_batches",
+__all__ = ["DIGITS_MEAN", "DIGITS_STD", "FACTS", "DataInfo", "DatasetInfoRow", "Minibatches",
+           "batch_fingerprint", "batch_of", "batch_samples", "collate", "default_download_root",
+           "draw_minibatches", "fixed_batches",
            "list_datasets", "load_dataset", "load_digits", "random_minibatches", "to_device"]
