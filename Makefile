@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+# test processes (pytest-xdist); each test runs its torch on one thread
+JOBS   ?= 2
 
 .PHONY: demo test lint bench clean
 
@@ -33,7 +35,7 @@ demo: $(VENV)/.installed
 	$(BIN)/hessdiag report demo-output/hessdiag.h5 -o demo-output/report.html
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check hessdiag cli tests benchmarks
