@@ -133,7 +133,8 @@ def rows_table(rows: list[dict[str, Any]], title: str) -> Table:
 def analyses_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name, justify in [("analysis", "left"), ("checkpoint", "left"), ("step", "right"),
-                          ("data", "left"), ("λ_max", "right"), ("conv.", "center"),
+                          ("data", "left"), ("dtype", "left"), ("λ_max", "right"),
+                          ("conv.", "center"),
                           ("λ_min", "right"), ("trace ± s.e.", "right"), ("HVPs", "right"),
                           ("s", "right")]:
         table.add_column(name, justify=justify)
@@ -141,7 +142,8 @@ def analyses_table(rows: list[dict[str, Any]], title: str) -> Table:
         trace = "-" if r["trace"] is None else f"{fmt(r['trace'])} ± {fmt(r['trace_stderr'], 2)}"
         ckpt = (r["checkpoint_path"] or "").rsplit("/", 1)[-1]
         table.add_row(r["analysis_id"], ckpt, "-" if r["step"] is None else str(r["step"]),
-                      f"{r['data']} ({r['samples']})", fmt(r["lambda_max"], 5),
+                      f"{r['data']} ({r['samples']})", r.get("dtype") or "-",
+                      fmt(r["lambda_max"], 5),
                       {True: "yes", False: "[red]no[/red]", None: "-"}[r["all_converged"]],
                       fmt(r["lambda_min"], 4), trace, str(r["hvps"]),
                       fmt(r["seconds"], 3))

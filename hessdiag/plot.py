@@ -4,7 +4,8 @@ Each ``*_figure`` function takes records read from a :class:`~hessdiag.store.Sto
 returns a matplotlib ``Figure`` whose artists hold exactly the stored numbers (tests read
 them back through the figure); :func:`save` writes it as PNG, SVG or PDF by the file's
 extension. :func:`figure` is the one entry point ``hessdiag plot`` uses. Nothing is shown
-on screen (the Agg backend), so figures work headless.
+on screen (the Agg backend), so figures work headless. A log axis spanning less than a
+decade gets plain tick numbers (:func:`plain_log_ticks`).
 
 =============  ==========================================================================
 ``what``       figure
@@ -12,11 +13,12 @@ on screen (the Agg backend), so figures work headless.
 density        spectral densities of spectrum analyses (log scale), overlaid, top
                eigenvalues marked; recomputed from the stored nodes and weights
 eigenvalues    top-k eigenvalues and lambda_min across the analyses of a run's
-               checkpoints (x: training step), error bars = residual norms
+               checkpoints (x: training step), error bars = residual norms; bars
+               with their values when the analyses are all of one checkpoint
 training       loss and accuracy (train and test) of several runs
 sharpness      lambda_max along training for several runs, with each run's stability
                threshold (``2 (1 + momentum) / lr``, Nesterov ``2 (1 + momentum) / ((1 +
-               2 momentum) lr)``, at the logged learning rate)
+               2 momentum) lr)``, at the logged learning rate; none for Adam runs)
 alignment      alignment along training per run: logged values, and 95% intervals
                (logit scale, inside [0, 1]) of align analyses of its checkpoints,
                else of windows of at least 10 logged values
@@ -81,11 +83,39 @@ def _new(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = SIZE):
     return fig, axes
 
 
+def plain_log_ticks(ax: Any) -> None:
+    """On each log-scaled axis of ``ax`` whose view spans less than a decade, plain numbers
+    at evenly spaced ticks (``8``, ``10``, ``12``) instead of matplotlib's labelled minor
+    ticks in scientific notation (``7.14x10^0``): such an axis holds no power of ten to
+    label. Axes spanning a decade or more keep the powers of ten."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
+
+    for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        if axis.get_scale() != "log":
+            continue
+        low, high = sorted(limits)
+        if not (low > 0 and high / low < 10):
+            continue
+        axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.6g}"))
+        axis.set_minor_locator(NullLocator())
+        axis.set_minor_formatter(NullFormatter())
+
+
 def _finish(fig: Any, title: str | None) -> Any:
     if title:
         fig.suptitle(title, fontsize=10)
+    for ax in fig.axes:
+        plain_log_ticks(ax)
     fig.tight_layout()
     return fig
+
+
+def _legend_below(ax: Any, **kwargs: Any) -> Any:
+    """The legend under the axes (below the x label), outside the data, so no line
+    (an eigenvalue marker at the spectrum's edge) runs through it."""
+    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0.0,
+                     fontsize=7, frameon=False, **kwargs)
 
 
 def _label(record: Any) -> str:
@@ -110,7 +140,7 @@ def density_figure(records: Sequence[Any], *, sigma: float | None = None,
     """Spectral densities of spectrum analyses that hold an SLQ density, overlaid."""
     from hessdiag.records import read_spectrum
 
-    fig, axes = _new()
+    fig, axes = _new(size=(SIZE[0], SIZE[1] + 0.4))
     ax = axes[0, 0]
     floor = math.inf
     for i, record in enumerate(records):
@@ -130,7 +160,7 @@ def density_figure(records: Sequence[Any], *, sigma: float | None = None,
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.set_ylim(bottom=floor)
-    ax.legend(fontsize=7, frameon=False)
+    _legend_below(ax, ncol=2)
     return _finish(fig, title or "Hessian spectral density (SLQ)")
 
 
@@ -138,7 +168,7 @@ def plot_density(result: SLQResult, path: str | Path, *, sigma: float | None = N
                  eigenvalues: np.ndarray | None = None, title: str | None = None) -> Path:
     """The SLQ spectral density of one result on a log scale, with the given eigenvalues
     marked, written to ``path`` (``hessdiag spectrum --plot``)."""
-    fig, axes = _new(size=(6.4, 3.6))
+    fig, axes = _new(size=(6.4, 4.0))
     ax = axes[0, 0]
     grid, dens, sigma = result.density(sigma=sigma)
     floor = max(float(dens.max()) * 1e-8, 1e-300)
@@ -152,7 +182,8 @@ def plot_density(result: SLQResult, path: str | Path, *, sigma: float | None = N
     ax.set_ylim(bottom=floor)
     ax.set_title(title or f"Hessian spectral density ({result.n_probes} probes x "
                           f"{result.steps} steps, sigma={sigma:.2g})", fontsize=9)
-    ax.legend(fontsize=8, frameon=False)
+    _legend_below(ax, ncol=2)
+    plain_log_ticks(ax)
     fig.tight_layout()
     return save(fig, path)
 
@@ -167,21 +198,24 @@ def eigenvalues_figure(records: Sequence[Any], *, title: str | None = None) -> A
         step = record.attrs.get("step", -1)
         if step is None or int(step) < 0:
             continue
-        rows.append((int(step), read_spectrum(record)))
+        rows.append((int(step), read_spectrum(record), record))
     if not rows:
         raise InputError("no spectrum analysis of a training checkpoint (with a step) was "
                          "selected: run spectrum on a run's checkpoints first", param="runs")
     rows.sort(key=lambda r: r[0])
-    steps = np.array([s for s, _ in rows])
-    k = min(len(r.top.eigenvalues) for _, r in rows)
+    if len({s for s, *_ in rows}) == 1:
+        return _eigenvalue_bars(rows, title=title)
+    steps = np.array([s for s, *_ in rows])
+    k = min(len(r.top.eigenvalues) for _, r, _ in rows)
     fig, axes = _new()
     ax = axes[0, 0]
+    ax.set_gid("eigenvalues:steps")
     for j in range(k):
-        values = np.array([r.top.eigenvalues[j] for _, r in rows], dtype=float)
-        errors = np.array([r.top.residuals[j] for _, r in rows], dtype=float)
+        values = np.array([r.top.eigenvalues[j] for _, r, _ in rows], dtype=float)
+        errors = np.array([r.top.residuals[j] for _, r, _ in rows], dtype=float)
         ax.errorbar(steps, values, yerr=errors, marker="o", ms=3, lw=1.2, capsize=2,
                     color=COLORS[j % len(COLORS)], label=f"lambda_{j + 1}", gid=f"top:{j}")
-    bottoms = [(s, r.bottom) for s, r in rows if r.bottom is not None]
+    bottoms = [(s, r.bottom) for s, r, _ in rows if r.bottom is not None]
     if bottoms:
         ax.errorbar(np.array([s for s, _ in bottoms], dtype=float),
                     np.array([b.eigenvalues[0] for _, b in bottoms], dtype=float),
@@ -193,6 +227,52 @@ def eigenvalues_figure(records: Sequence[Any], *, title: str | None = None) -> A
     ax.set_ylabel("Hessian eigenvalue")
     ax.legend(fontsize=7, frameon=False, ncol=2)
     return _finish(fig, title or "Eigenvalues across checkpoints (error bars: residuals)")
+
+
+def _eigenvalue_bars(rows: Sequence[tuple[int, Any, Any]], *, title: str | None) -> Any:
+    """The eigenvalues of the analyses of ONE checkpoint as bars with their values written
+    on them (a curve across checkpoints needs two): lambda_1..k and lambda_min, one group
+    of bars per analysis (several analyses of one checkpoint: other samples or dtypes)."""
+    step = rows[0][0]
+    fig, axes = _new()
+    ax = axes[0, 0]
+    ax.set_gid("eigenvalues:bars")
+    names: list[str] = []
+    for _, result, _ in rows:
+        names += [n for n in (f"lambda_{j + 1}" for j in range(len(result.top.eigenvalues)))
+                  if n not in names]
+    if any(r.bottom is not None for _, r, _ in rows):
+        names.append("lambda_min")
+    x = np.arange(len(names))
+    width = 0.8 / len(rows)
+    for i, (_, result, record) in enumerate(rows):
+        values = {f"lambda_{j + 1}": (float(v), float(e)) for j, (v, e) in
+                  enumerate(zip(result.top.eigenvalues, result.top.residuals, strict=True))}
+        if result.bottom is not None:
+            values["lambda_min"] = (float(result.bottom.eigenvalues[0]),
+                                    float(result.bottom.residuals[0]))
+        have = [j for j, n in enumerate(names) if n in values]
+        heights = [values[names[j]][0] for j in have]
+        bars = ax.bar(x[have] + (i - (len(rows) - 1) / 2) * width, heights, width * 0.9,
+                      yerr=[values[names[j]][1] for j in have], capsize=2,
+                      color=COLORS[i % len(COLORS)], gid=f"bars:{i}",
+                      label=_spectrum_label(record) if len(rows) > 1 else None)
+        ax.bar_label(bars, labels=[f"{h:.4g}" for h in heights], fontsize=7, padding=2)
+    ax.set_xticks(x, names)
+    ax.axhline(0.0, color="#999999", lw=0.6)
+    ax.margins(y=0.15)
+    ax.set_ylabel("Hessian eigenvalue")
+    ax.set_xlabel(f"the one analysed checkpoint (training step {step})")
+    if len(rows) > 1:
+        ax.legend(fontsize=7, frameon=False)
+    return _finish(fig, title or f"Eigenvalues at step {step} (error bars: residuals)")
+
+
+def _spectrum_label(record: Any) -> str:
+    """An analysis in a legend by what tells analyses of one checkpoint apart."""
+    a = record.attrs
+    dtype = (a.get("operator") or {}).get("dtype") or "?"
+    return f"{record.id[-6:]}: {dtype}, {a.get('samples') or '?'} samples"
 
 
 def layers_figure(record: Any, *, title: str | None = None) -> Any:
@@ -304,12 +384,28 @@ def stability_threshold(run: Any) -> tuple[np.ndarray, np.ndarray] | None:
     return step[keep], raw_threshold(cfg, lr[keep])
 
 
+def threshold_note(run: Any) -> str:
+    """What the sharpness figure draws as ``run``'s stability threshold, in words: the
+    formula of the dotted line, or why there is none."""
+    if stability_threshold(run) is None:
+        if run_variant(cfg_of(run))[0] == "adam":
+            return ("no threshold line: Adam's threshold bounds the preconditioned "
+                    "sharpness lambda_max(P^-1 H), which training does not log")
+        return "no threshold line: the run logged no learning rate"
+    return f"dotted: {_THRESHOLD_LABEL[run_variant(cfg_of(run))[0]]} at the logged lr"
+
+
+def sharpness_runs(runs: Sequence[Any]) -> list[Any]:
+    """The runs of ``runs`` the sharpness figure draws (those that logged lambda_max)."""
+    return [run for run in runs if _sharpness_table(run) is not None]
+
+
 def sharpness_figure(runs: Sequence[Any], *, title: str | None = None) -> Any:
     """lambda_max along training for several runs on one axes (error bars: residuals),
     each with its stability threshold as a dotted line of the same colour."""
     fig, axes = _new()
     ax = axes[0, 0]
-    drawn = 0
+    drawn = thresholds = 0
     for i, run in enumerate(runs):
         color = COLORS[i % len(COLORS)]
         table = _sharpness_table(run)
@@ -321,13 +417,16 @@ def sharpness_figure(runs: Sequence[Any], *, title: str | None = None) -> Any:
         keep = np.isfinite(lam)
         ax.errorbar(step[keep], lam[keep], yerr=None if res is None else res[keep],
                     color=color, lw=1.3, marker="o", ms=2.5, capsize=1.5,
-                    label=f"{_label(run)} lambda_max", gid=f"lambda_max:{run.id}")
+                    label=f"{_label(run)} lambda_max" + (
+                        "" if stability_threshold(run) is not None else " (no threshold)"),
+                    gid=f"lambda_max:{run.id}")
         drawn += 1
         threshold = stability_threshold(run)
         if threshold is not None:
             ts, tv = threshold
             ax.plot(ts, tv, color=color, ls=":", lw=1.1, gid=f"threshold:{run.id}",
                     label=f"{run.id}: {_THRESHOLD_LABEL[run_variant(cfg_of(run))[0]]}")
+            thresholds += 1
     if not drawn:
         raise InputError("none of the selected runs logged lambda_max: train with "
                          "--sharpness-every N (or an Eigen-SAM run)", param="runs")
@@ -335,7 +434,12 @@ def sharpness_figure(runs: Sequence[Any], *, title: str | None = None) -> Any:
     ax.set_ylabel("lambda_max")
     ax.set_yscale("log")
     ax.legend(fontsize=7, frameon=False)
-    return _finish(fig, title or "Sharpness along training (dotted: stability threshold)")
+    if title is None:
+        title = "Sharpness along training"
+        if thresholds:
+            title += (" (dotted: stability threshold)" if thresholds == drawn
+                      else " (dotted: stability threshold, where one applies)")
+    return _finish(fig, title)
 
 
 MIN_BAND_VALUES = 10

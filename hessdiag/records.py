@@ -358,7 +358,7 @@ def read_result(record: Record) -> SpectrumResult | AlignmentResult | SharpnessR
 
 SUMMARY_COLUMNS = (
     "analysis_id", "kind", "created", "checkpoint_path", "checkpoint_sha256", "run_id", "step",
-    "epoch", "model", "data", "split", "loss", "samples", "seed", "method", "tol", "hvps",
+    "epoch", "model", "data", "split", "loss", "samples", "seed", "dtype", "method", "tol", "hvps",
     "seconds", "curvature", "lambda_max", "lambda_max_residual", "n_eigenvalues",
     "all_converged",
     "lambda_min", "lambda_min_residual", "lambda_ratio", "trace", "trace_stderr",
@@ -391,6 +391,7 @@ def summary(record: Record) -> dict[str, Any]:
         "loss": a.get("loss") or "cross-entropy",
         "samples": a.get("samples"),
         "seed": a.get("seed"),
+        "dtype": (a.get("operator") or {}).get("dtype") or (a.get("settings") or {}).get("dtype"),
         "method": a.get("method"),
         "tol": a.get("tol"),
         "hvps": a.get("hvps"),

@@ -20,20 +20,24 @@ from hessdiag._files import replacing
 
 RUN_COLUMNS = ("run_id", "status", "model", "data", "optimizer", "lr", "rho", "epochs",
                "seed", "steps", "loss", "test_loss", "test_acc", "lambda_max", "alignment")
-ANALYSIS_COLUMNS = ("analysis_id", "kind", "model", "data", "step", "samples", "lambda_max",
-                    "lambda_max_residual", "all_converged", "lambda_min", "trace",
-                    "trace_stderr", "alignment", "alignment_ci95_low", "alignment_ci95_high",
-                    "hvps", "seconds")
+ANALYSIS_HEADINGS = ("analysis", "kind", "model", "data (samples)", "step", "dtype",
+                     "λ_max ± residual", "conv.", "λ_min", "trace ± s.e.",
+                     "alignment [95% CI]", "HVPs", "s")
+"""The columns of the report's analyses table (:func:`analysis_cells`): a value and its
+error share a cell (``lambda_max ± residual``, ``trace ± s.e.``, ``alignment [95%
+interval]``) so that the table fits a 1280-pixel window; every field is in ``hessdiag
+export``."""
 
 STYLE = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
        margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; font-size: 1.2em; }
 .meta { color: #666; }
-table { border-collapse: collapse; font-size: 12px; margin: 0.6em 0; display: block;
-        overflow-x: auto; }
-th, td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: right;
-         white-space: nowrap; }
+.scroll { max-width: 100%; overflow-x: auto; }
+table { border-collapse: collapse; font-size: 12px; margin: 0.6em 0; }
+th, td { border-bottom: 1px solid #ddd; padding: 3px 6px; text-align: right;
+         white-space: nowrap; vertical-align: top; }
+td.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 7em; text-align: left; }
 th { background: #f4f6f8; } td:first-child, th:first-child { text-align: left; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 12px; }
@@ -41,8 +45,7 @@ figcaption { color: #555; font-size: 12px; }
 
 CAPTIONS = {
     "training": "Loss and accuracy of each run (train solid, test dashed).",
-    "sharpness": "lambda_max along training (error bars: residual norms); dotted: each run's "
-                 "stability threshold 2(1+momentum)/lr at its logged learning rate.",
+    "sharpness": "lambda_max along training (error bars: residual norms).",
     "alignment": "|cos| between the perturbation and the top Hessian eigenvector along "
                  "training: logged values (dots); error bars: each checkpoint's mean over "
                  "the minibatches of an align analysis with its 95% interval, or else a "
@@ -52,6 +55,9 @@ CAPTIONS = {
                "top eigenvalues by Lanczos.",
     "eigenvalues": "Top eigenvalues and lambda_min across a run's checkpoints (error bars: "
                    "residual norms).",
+    "eigenvalues:bars": "Top eigenvalues and lambda_min of the one analysed checkpoint as "
+                        "bars with their values (a curve across checkpoints needs spectrum "
+                        "analyses of two or more; error bars: residual norms).",
     "layers": "lambda_max of each layer's Hessian block (error bars: residual norms).",
     "landscape": "Loss around the checkpoint along the stored directions.",
 }
@@ -65,13 +71,51 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+def _table(rows: list[list[str]], headings: tuple[str, ...], wrap: tuple[int, ...] = ()
+           ) -> str:
+    """An HTML table of already formatted cells in a box that scrolls sideways if it must
+    (the page itself never does); the columns ``wrap`` break their long words."""
     if not rows:
         return "<p class=meta>none</p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in headings)
+    body = "".join("<tr>" + "".join((f"<td class=wrap>{c}</td>" if j in wrap
+                                     else f"<td>{c}</td>") for j, c in enumerate(row))
                    + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            "</table></div>")
+
+
+def _plus_minus(value: Any, error: Any) -> str:
+    if _cell(value) == "-" or _cell(error) == "-":
+        return _cell(value)
+    return f"{_cell(value)} ± {float(error):.2g}"
+
+
+def _interval(value: Any, low: Any, high: Any) -> str:
+    if _cell(value) == "-" or _cell(low) == "-" or _cell(high) == "-":
+        return _cell(value)
+    return f"{_cell(value)} [{float(low):.3g}, {float(high):.3g}]"
+
+
+def run_cells(row: dict[str, Any]) -> list[str]:
+    """The report's cells of a run row (:data:`RUN_COLUMNS`)."""
+    return [_cell(row.get(c)) for c in RUN_COLUMNS]
+
+
+def analysis_cells(row: dict[str, Any]) -> list[str]:
+    """The report's cells of an analysis row (:data:`ANALYSIS_HEADINGS`)."""
+    data = _cell(row.get("data"))
+    if row.get("samples") is not None:
+        data += f" ({_cell(row['samples'])})"
+    converged = {True: "yes", False: "no"}.get(row.get("all_converged"), "-")
+    return [_cell(row.get("analysis_id")), _cell(row.get("kind")), _cell(row.get("model")),
+            data, _cell(row.get("step")), _cell(row.get("dtype")),
+            _plus_minus(row.get("lambda_max"), row.get("lambda_max_residual")), converged,
+            _cell(row.get("lambda_min")),
+            _plus_minus(row.get("trace"), row.get("trace_stderr")),
+            _interval(row.get("alignment"), row.get("alignment_ci95_low"),
+                      row.get("alignment_ci95_high")),
+            _cell(row.get("hvps")), _cell(row.get("seconds"))]
 
 
 def _png(fig: Any) -> str:
@@ -87,9 +131,23 @@ LANDSCAPES = 4
 """Landscapes drawn in a report (the latest ones)."""
 
 
-def figures(store: Any) -> list[tuple[str, str]]:
-    """``(what, base64 PNG)`` of every figure the store has the data for, in reading order
-    (runs first, then analyses)."""
+def caption(store: Any, what: str, fig: Any) -> str:
+    """The caption of the figure ``what`` drawn from ``store`` as ``fig``: what it draws,
+    run by run where that differs (a stability threshold for SGD runs, none for Adam)."""
+    if what == "sharpness":
+        from hessdiag.plot import sharpness_runs, threshold_note
+
+        notes = "; ".join(f"{run.id}: {threshold_note(run)}"
+                          for run in sharpness_runs(store.runs()))
+        return f"{CAPTIONS[what]} Stability threshold per run: {notes}."
+    if what == "eigenvalues" and fig.axes and fig.axes[0].get_gid() == "eigenvalues:bars":
+        return CAPTIONS["eigenvalues:bars"]
+    return CAPTIONS[what]
+
+
+def figures(store: Any) -> list[tuple[str, str, str]]:
+    """``(what, base64 PNG, caption)`` of every figure the store has the data for, in
+    reading order (runs first, then analyses)."""
     from hessdiag.plot import figure
 
     out = []
@@ -98,10 +156,12 @@ def figures(store: Any) -> list[tuple[str, str]]:
             fig = figure(store, what)
         except InputError:  # the store holds nothing this figure draws
             continue
-        out.append((what, _png(fig)))
+        text = caption(store, what, fig)
+        out.append((what, _png(fig), text))
     landscapes = [r.id for r in store.analyses() if r.kind == "landscape"]
     for analysis_id in landscapes[-LANDSCAPES:]:  # the latest ones, each its own figure
-        out.append(("landscape", _png(figure(store, "landscape", analyses=[analysis_id]))))
+        fig = figure(store, "landscape", analyses=[analysis_id])
+        out.append(("landscape", _png(fig), CAPTIONS["landscape"]))
     return out
 
 
@@ -118,20 +178,21 @@ def render_report(store: Any) -> str:
         f"<style>{STYLE}</style></head><body>",
         f"<h1>hessdiag report</h1><p class=meta>store {html.escape(str(store.path))} · "
         f"{len(runs)} runs · {len(analyses)} analyses · hessdiag {__version__}</p>",
-        "<h2>Runs</h2>", _table(runs, RUN_COLUMNS),
-        "<h2>Analyses</h2>", _table(analyses, ANALYSIS_COLUMNS),
+        "<h2>Runs</h2>", _table([run_cells(r) for r in runs], RUN_COLUMNS, wrap=(0, 2, 3)),
+        "<h2>Analyses</h2>", _table([analysis_cells(r) for r in analyses], ANALYSIS_HEADINGS,
+                                    wrap=(0, 2, 3)),
         "<h2>Figures</h2>",
     ]
     drawn = figures(store)
     if not drawn:
         parts.append("<p class=meta>nothing to draw yet</p>")
     seen: dict[str, int] = {}
-    for what, data in drawn:
+    for what, data, text in drawn:
         seen[what] = seen.get(what, 0) + 1
         anchor = what if seen[what] == 1 else f"{what}-{seen[what]}"
         parts.append(f"<figure id={anchor}><img alt='{what} figure' "
                      f"src='data:image/png;base64,{data}'><figcaption><b>{what}</b>: "
-                     f"{html.escape(CAPTIONS[what])}</figcaption></figure>")
+                     f"{html.escape(text)}</figcaption></figure>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -54,6 +54,14 @@ def store(tmp_path_factory):
     return source
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def _line(ax, gid):
     hits = [line for line in ax.get_lines() if line.get_gid() == gid]
     assert len(hits) == 1, [line.get_gid() for line in ax.get_lines()]
@@ -293,3 +301,194 @@ def test_report_renders_in_headless_chromium(store, tmp_path):
     with_figures, text_only = ink(page), ink(blank)
     # the figures (lines, markers, error bars, bands) add far more than the text draws
     assert with_figures > 0.04 and with_figures - text_only > 0.02, (with_figures, text_only)
+
+
+# --------------------------------------------------------------------------- first-hour fixes
+
+
+class FakeRun:
+    """A run as the figures read it: id, attrs (the config) and arrays."""
+
+    group = "runs"
+
+    def __init__(self, run_id, config, arrays):
+        self.id, self.attrs, self.arrays = run_id, {"config": config}, arrays
+
+
+class FakeStore:
+    def __init__(self, runs):
+        self._runs = runs
+
+    def runs(self):
+        return self._runs
+
+
+def _adam_run(values=(114.0, 118.5, 121.0, 126.0)):
+    steps = np.arange(len(values), dtype=float)
+    return FakeRun("adam-1", {"optimizer": "sgd", "base": "adam", "lr": 1e-3, "momentum": 0.9},
+                   {"sharpness/step": steps, "sharpness/lambda_max": np.array(values),
+                    "metrics/step": steps, "metrics/lr": np.full(len(values), 1e-3)})
+
+
+def _sgd_run():
+    steps = np.arange(4, dtype=float)
+    return FakeRun("sgd-1", {"optimizer": "sgd", "base": "sgd", "lr": 0.05, "momentum": 0.0},
+                   {"sharpness/step": steps, "sharpness/lambda_max": np.full(4, 30.0),
+                    "metrics/step": steps, "metrics/lr": np.full(4, 0.05)})
+
+
+def _tick_texts(fig, axis):
+    """The texts of the tick labels drawn inside the axis's view (major and minor)."""
+    fig.canvas.draw()
+    low, high = sorted(axis.get_view_interval())
+    out = []
+    for which in ("major", "minor"):
+        ticks = axis.get_major_ticks() if which == "major" else axis.get_minor_ticks()
+        out += [t.label1.get_text() for t in ticks
+                if t.label1.get_visible() and t.label1.get_text()
+                and low * (1 - 1e-9) <= t.get_loc() <= high * (1 + 1e-9)]
+    return out
+
+
+def test_a_log_axis_spanning_less_than_a_decade_has_plain_ticks():
+    """lambda_max from 114 to 126 on the log axis: plain numbers (no 1.2x10^2)."""
+    from hessdiag.plot import sharpness_figure
+
+    fig = sharpness_figure([_adam_run()])
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    texts = _tick_texts(fig, ax.yaxis)
+    assert len(texts) >= 2, texts
+    for text in texts:
+        assert "10^" not in text and "times" not in text and "$" not in text, texts
+        float(text.replace("\u2212", "-"))
+    assert [float(t) for t in texts] == sorted(float(t) for t in texts)
+    # an axis spanning decades keeps its powers of ten
+    fig = sharpness_figure([_adam_run((0.5, 5.0, 50.0, 500.0))])
+    assert any("10^" in t for t in _tick_texts(fig, fig.axes[0].yaxis))
+
+
+def test_an_adam_runs_caption_and_figure_promise_no_threshold_line():
+    from hessdiag.plot import sharpness_figure
+    from hessdiag.report import caption
+
+    runs = [_sgd_run(), _adam_run()]
+    fig = sharpness_figure(runs)
+    ax = fig.axes[0]
+    gids = [line.get_gid() for line in ax.get_lines()]
+    assert "threshold:sgd-1" in gids and "threshold:adam-1" not in gids
+    text = caption(FakeStore(runs), "sharpness", fig)
+    assert "sgd-1: dotted: 2/lr at the logged lr" in text
+    assert ("adam-1: no threshold line: Adam's threshold bounds the preconditioned "
+            "sharpness") in text and "which training does not log" in text
+    assert "where one applies" in fig._suptitle.get_text()
+    # only Adam runs: neither caption nor title speaks of a dotted line
+    fig = sharpness_figure([_adam_run()])
+    text = caption(FakeStore([_adam_run()]), "sharpness", fig)
+    assert "dotted" not in text and "dotted" not in fig._suptitle.get_text()
+
+
+def test_one_checkpoints_eigenvalues_are_bars_with_their_values(store):
+    from matplotlib.container import BarContainer
+
+    from hessdiag.report import caption
+
+    record = [r for r in store.analyses() if r.kind == "spectrum"][0]
+    result = read_spectrum(record)
+    fig = figure(store, "eigenvalues", analyses=[record.id])
+    ax = fig.axes[0]
+    assert ax.get_gid() == "eigenvalues:bars"
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert not [line for line in ax.get_lines() if line.get_marker() not in ("None", "_")]
+    expected = list(result.top.eigenvalues) + [result.bottom.eigenvalues[0]]
+    np.testing.assert_allclose([p.get_height() for p in bars.patches], expected, rtol=1e-6)
+    # the error bars' half-heights are the residuals
+    segments = bars.errorbar.lines[2][0].get_segments()
+    np.testing.assert_allclose([(s[1][1] - s[0][1]) / 2 for s in segments],
+                               list(result.top.residuals) + [result.bottom.residuals[0]],
+                               rtol=1e-5, atol=1e-12)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["lambda_1", "lambda_2",
+                                                            "lambda_min"]
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == [f"{v:.4g}" for v in expected]
+    assert "one analysed checkpoint" in caption(store, "eigenvalues", fig)
+    # two checkpoints: a curve against the step, as before
+    fig = figure(store, "eigenvalues", runs=["run-sgd"])
+    assert fig.axes[0].get_gid() == "eigenvalues:steps"
+    assert "across a run's checkpoints" in caption(store, "eigenvalues", fig)
+
+
+def test_the_density_legend_is_clear_of_the_lambda_1_line(store):
+    fig = figure(store, "density")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    marks = [ln for ln in ax.get_lines() if ln.get_gid().startswith("eigenvalue:")]
+    lam1 = max(marks, key=lambda ln: ln.get_xdata()[0])
+    assert not legend.overlaps(lam1.get_window_extent(renderer))
+    # outside the data altogether, and inside the figure
+    assert legend.y1 <= ax.get_window_extent(renderer).y0
+    assert legend.y0 >= 0 and legend.x0 >= 0 and legend.x1 <= fig.bbox.width
+
+
+def test_show_tells_float32_and_float64_analyses_apart(store, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy.h5"
+    shutil.copy(store.path, copy)
+    checkpoint = [r for r in store.analyses() if r.kind == "spectrum"][-1].attrs[
+        "checkpoint_path"]
+    runner = CliRunner()
+    out = runner.invoke(app, ["spectrum", checkpoint, "--samples", "64", "--top-k", "1",
+                              "--dtype", "float64", "--store", str(copy), "--quiet"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["show", str(copy), "--json"])
+    assert out.exit_code == 0, out.output
+    rows = [r for r in json.loads(out.stdout)["analyses"] if r["kind"] == "spectrum"]
+    assert {r["dtype"] for r in rows} == {"float32", "float64"}
+    out = runner.invoke(app, ["show", str(copy)], terminal_width=250)
+    header = next(line for line in out.stdout.splitlines() if "analysis" in line
+                  and "λ_max" in line)
+    assert "dtype" in header
+    for row in rows:
+        line = next(line for line in out.stdout.splitlines() if row["analysis_id"] in line)
+        assert row["dtype"] in line
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine "
+                    "(apt-get install chromium)")
+def test_report_fits_a_1280_pixel_window_in_headless_chromium(store, tmp_path):
+    """Measured by the browser: a copy of the page with a script that writes the page's
+    scrollWidth and each table's right edge into the body (``--dump-dom``), and a
+    1280-pixel screenshot whose right margin is blank."""
+    import json
+    import subprocess
+
+    from hessdiag.report import write_report
+
+    page = write_report(store, tmp_path / "report.html")
+    probe = tmp_path / "probe.html"
+    script = ("<script>var d=document.documentElement;var r={page:d.scrollWidth,"
+              "view:d.clientWidth,tables:Array.from(document.querySelectorAll('table'),"
+              "function(t){return Math.ceil(t.getBoundingClientRect().left+t.scrollWidth)})};"
+              "document.body.innerHTML='<pre id=probe>'+JSON.stringify(r)+'</pre>';</script>")
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000"]
+    dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    measured = json.loads(re.search(r"<pre id=\"?probe\"?>(.*?)</pre>", dom).group(1))
+    assert measured["page"] <= 1280 and measured["page"] <= measured["view"], measured
+    assert len(measured["tables"]) == 2  # runs and analyses
+    assert max(measured["tables"]) <= measured["view"], measured  # no table scrolls
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], check=True,
+                   capture_output=True, timeout=120)
+    image = matplotlib.image.imread(shot)
+    assert image.shape[:2] == (2000, 1280)
+    # right of the centred 1100-pixel column, left of the scroll bar: nothing drawn
+    margin = image[:, 1200:1260, :3]
+    assert (margin > 0.98).all(), float((margin <= 0.98).mean())
