@@ -37,7 +37,8 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; font-size
 table { border-collapse: collapse; font-size: 12px; margin: 0.6em 0; }
 th, td { border-bottom: 1px solid #ddd; padding: 3px 6px; text-align: right;
          white-space: nowrap; vertical-align: top; }
-td.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 7em; text-align: left; }
+td.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 7em; }
+.wrap { text-align: left; }
 th { background: #f4f6f8; } td:first-child, th:first-child { text-align: left; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 12px; }
@@ -77,7 +78,8 @@ def _table(rows: list[list[str]], headings: tuple[str, ...], wrap: tuple[int, ..
     (the page itself never does); the columns ``wrap`` break their long words."""
     if not rows:
         return "<p class=meta>none</p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in headings)
+    head = "".join((f"<th class=wrap>{html.escape(c)}</th>" if j in wrap
+                    else f"<th>{html.escape(c)}</th>") for j, c in enumerate(headings))
     body = "".join("<tr>" + "".join((f"<td class=wrap>{c}</td>" if j in wrap
                                      else f"<td>{c}</td>") for j, c in enumerate(row))
                    + "</tr>" for row in rows)
