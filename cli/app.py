@@ -1504,7 +1504,7 @@ def main() -> None:
         sys.exit(EXIT_BAD_INPUT)
     if env is None:
         try:
-            app()
+            app(prog_name="hessdiag")  # the usage line names the command, not python -m
         except SystemExit as exc:
             sys.exit(exc.code)
         return
@@ -1519,7 +1519,7 @@ def main() -> None:
         sys.stdout = quiet
     code: Any = 0
     try:
-        app()
+        app(prog_name="hessdiag")
     except SystemExit as exc:
         code = exc.code
     finally:
