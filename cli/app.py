@@ -127,7 +127,108 @@ FISHER_KIND_OPTION = typer.Option(SPECTRUM.fisher_kind, "--fisher-kind",
 FISHER_SAMPLES_OPTION = typer.Option(SPECTRUM.fisher_samples, "--fisher-samples",
                                      help="--fisher-kind mc: sampled targets per term.")
 
+# ------------------------------------------------------------------------- help layout
+# Every option of every command sits in a named help panel: the panel of its long name,
+# unless the command files it elsewhere. One table, so that an option is in the same place
+# in every command; tests/test_help.py fails on an option no panel names.
+DATA_PANEL = "Model, data and loss"
+COMPUTE_PANEL = "What to compute"
+SOLVER_PANEL = "Solver"
+RESOURCES_PANEL = "Precision, device and memory"
+OUTPUT_PANEL = "Output"
+TRUST_PANEL = "Trust and loading"
+OPTIMIZER_PANEL = "Optimizer"
+RUN_PANEL = "Training run"
+LIMITS_PANEL = "Baseline and limits"
+FOLLOW_PANEL = "Watching a directory (--follow)"
+
+_PANEL_OPTIONS = {
+    DATA_PANEL: ("--model", "--data", "--loss", "--model-kwargs", "--data-root", "--download",
+                 "--split", "--samples", "--batch-size"),
+    COMPUTE_PANEL: ("--top-k", "--lambda-min", "--trace", "--trace-method", "--trace-hvps",
+                    "--density", "--slq-probes", "--slq-steps", "--params", "--per-layer",
+                    "--curvature", "--fisher-kind", "--fisher-samples", "--preconditioner",
+                    "--metric", "--measure", "--rho", "--perturbation", "--alpha",
+                    "--batches", "--dims", "--directions", "--range", "--resolution",
+                    "--filter-norm", "--bias", "--what", "--runs", "--analysis", "--sigma",
+                    "--title", "--format"),
+    SOLVER_PANEL: ("--method", "--tol", "--max-hvps", "--start", "--seed", "--max-steps",
+                   "--ascent"),
+    RESOURCES_PANEL: ("--hvp-mode", "--memory-budget", "--basis-device", "--compile",
+                      "--batch-vectors", "--dtype", "--device"),
+    OUTPUT_PANEL: ("--store", "--json", "--quiet", "--plot", "--output", "--resume", "--junit",
+                   "--out", "--force", "--salvage", "--debug", "--help", "--version",
+                   "--install-completion", "--show-completion"),
+    TRUST_PANEL: ("--unsafe-load", "--allow-nonfinite"),
+    FOLLOW_PANEL: ("--follow", "--poll", "--timeout"),
+}
+PANELS = {option: panel for panel, options in _PANEL_OPTIONS.items() for option in options}
+# where a command files an option elsewhere
+COMMAND_PANELS = {
+    "train": {**dict.fromkeys(("--optimizer", "--base", "--lr", "--momentum", "--weight-decay",
+                               "--nesterov", "--epochs", "--rho", "--alpha", "--eig-every",
+                               "--eig-iters", "--adaptive", "--renormalize", "--schedule",
+                               "--label-smoothing", "--augment", "--sync-perturbation"),
+                              OPTIMIZER_PANEL),
+              **dict.fromkeys(("--checkpoint-every", "--sharpness-every",
+                               "--sharpness-samples", "--run-name", "--checkpoint-dir", "--from",
+                               "--resume"), RUN_PANEL)},
+    "check": dict.fromkeys(("--baseline", "--rtol", "--max-lambda", "--max-trace", "--max-ratio",
+                            "--max-drop"), LIMITS_PANEL),
+}
+
+
+def panel_of(command: str | None, option: str) -> str | None:
+    """The help panel of a command's option (``None``: not filed, Typer's "Options")."""
+    return COMMAND_PANELS.get(command or "", {}).get(option) or PANELS.get(option)
+
+
+# the order of the panels in every command's help
+PANEL_ORDER = (LIMITS_PANEL, DATA_PANEL, COMPUTE_PANEL, OPTIMIZER_PANEL, RUN_PANEL, SOLVER_PANEL,
+               RESOURCES_PANEL, FOLLOW_PANEL, TRUST_PANEL, OUTPUT_PANEL)
+
+
+def _laid_out(command: Any, params: list) -> list:
+    """``params`` filed into their help panels (arguments first, then the options panel by
+    panel in :data:`PANEL_ORDER`), flags shown as flags.
+
+    Typer 0.29 shows every option's type beside it, ``<bool>`` for a flag too
+    (``TyperOption.display_type_rich`` does not look at ``is_flag``); a flag takes no value,
+    so its type column is left empty (an empty metavar)."""
+    for param in params:
+        if not isinstance(param, typer.core.TyperOption):
+            continue
+        if param.is_flag and param.metavar is None:
+            param.metavar = ""
+        if getattr(param, "rich_help_panel", None) is None:
+            long = [o for o in param.opts if o.startswith("--")] or list(param.opts)
+            param.rich_help_panel = panel_of(command.name, long[0])
+
+    def rank(param: Any) -> int:
+        if not isinstance(param, typer.core.TyperOption):
+            return -1  # arguments keep their order, before the options
+        panel = param.rich_help_panel
+        return PANEL_ORDER.index(panel) if panel in PANEL_ORDER else len(PANEL_ORDER)
+
+    return sorted(params, key=rank)
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose help files its options into panels and shows flags as flags."""
+
+    def get_params(self, ctx: Any) -> list:
+        return _laid_out(self, super().get_params(ctx))
+
+
+class Group(typer.core.TyperGroup):
+    """The ``hessdiag`` group, laid out as its commands are."""
+
+    def get_params(self, ctx: Any) -> list:
+        return _laid_out(self, super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=Group,
     name="hessdiag",
     help="How sharp is your network? Hessian spectra of PyTorch models, and flatter training.",
     no_args_is_help=True,
@@ -336,7 +437,8 @@ def _json_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Eigenvalues, trace and spectral density of the loss Hessian at checkpoints."))
 @handles_errors
 def spectrum(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files (several: a run's "
@@ -484,7 +586,8 @@ def spectrum(
                             + (f"; figure {figure}" if figure else ""))
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Critical, worst-case (SAM's) and adaptive (ASAM's) sharpness of checkpoints."))
 @handles_errors
 def sharpness(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files."),
@@ -580,7 +683,7 @@ def _numbers(text: str, option: str, kind: type, counts: tuple[int, ...]) -> lis
     return values
 
 
-@app.command()
+@app.command(cls=Command, short_help="The loss on a 1-D or 2-D grid around a checkpoint.")
 @handles_errors
 def landscape(
     checkpoint: Path = typer.Argument(..., help="The checkpoint at the centre of the grid."),
@@ -672,7 +775,8 @@ def landscape(
                         + (f"; figure {figure}" if figure else ""))
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Train or fine-tune with SGD, SAM or Eigen-SAM, recording sharpness."))
 @handles_errors
 def train(
     model: str | None = MODEL_OPTION,
@@ -812,7 +916,8 @@ def train(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Alignment of SAM-type perturbations with the top Hessian eigenvector."))
 @handles_errors
 def align(
     targets: list[Path] = typer.Argument(..., help="Checkpoints, or directories of "
@@ -954,7 +1059,8 @@ CHECK_METRIC_OPTION = typer.Option(None, "--metric", help="lambda_max, lambda_mi
                                    "lambda_max and trace.")
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Record a checkpoint's sharpness as the baseline `check` compares with."))
 @handles_errors
 def baseline(
     checkpoint: Path = typer.Argument(..., help="The checkpoint whose sharpness is the "
@@ -1014,7 +1120,8 @@ def baseline(
     render.stdout.print(render.baseline_table(made, str(path)))
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Fail (exit 1) when a checkpoint is sharper than its baseline."))
 @handles_errors
 def check(
     checkpoint: Path = typer.Argument(..., help="The checkpoint to check."),
@@ -1100,7 +1207,7 @@ def check(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-@app.command()
+@app.command(cls=Command, short_help="The runs and analyses in a store, or one analysis in full.")
 @handles_errors
 def show(
     store: Path = typer.Argument(Path("hessdiag.h5"), help="The store to read."),
@@ -1188,7 +1295,8 @@ def show(
             render.stdout.print(render.density_sketch(record))
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Flat tables of everything in a store, for pandas and spreadsheets."))
 @handles_errors
 def export(
     store: Path = typer.Argument(..., help="The store to export."),
@@ -1254,7 +1362,8 @@ def _open_store(store: Path) -> Any:
     return source
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Draw a figure from a store: spectra, training, sharpness, landscapes."))
 @handles_errors
 def plot(
     store: Path = typer.Argument(..., help="The store to draw from."),
@@ -1283,7 +1392,7 @@ def plot(
     render.stdout.print(f"wrote {save(fig, output)}")
 
 
-@app.command()
+@app.command(cls=Command, short_help="Merge a store's journal into its HDF5 file.")
 @handles_errors
 def compact(
     store: Path = typer.Argument(..., help="The store whose journal to merge."),
@@ -1298,7 +1407,8 @@ def compact(
                         "record")
 
 
-@app.command()
+@app.command(cls=Command, short_help=(
+    "Check a store against its checksums; --salvage copies the intact records."))
 @handles_errors
 def verify(
     store: Path = typer.Argument(..., help="The store to check."),
@@ -1328,7 +1438,7 @@ def verify(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-@app.command()
+@app.command(cls=Command, short_help="One self-contained HTML page of a store's runs and analyses.")
 @handles_errors
 def report(
     store: Path = typer.Argument(..., help="The store to summarise."),
@@ -1346,7 +1456,7 @@ def report(
     render.stdout.print(f"wrote {write_report(source, output)}")
 
 
-@app.command()
+@app.command(cls=Command, short_help="The model registry: names usable as --model.")
 @handles_errors
 def models(
     as_json: bool = JSON_OPTION,
@@ -1365,7 +1475,7 @@ def models(
     render.stdout.print(render.rows_table(rows, "models"))
 
 
-@app.command()
+@app.command(cls=Command, short_help="The data registry: names usable as --data.")
 @handles_errors
 def datasets(
     as_json: bool = JSON_OPTION,
@@ -1394,7 +1504,7 @@ def main() -> None:
         sys.exit(EXIT_BAD_INPUT)
     if env is None:
         try:
-            app()
+            app(prog_name="hessdiag")  # the usage line names the command, not python -m
         except SystemExit as exc:
             sys.exit(exc.code)
         return
@@ -1409,7 +1519,7 @@ def main() -> None:
         sys.stdout = quiet
     code: Any = 0
     try:
-        app()
+        app(prog_name="hessdiag")
     except SystemExit as exc:
         code = exc.code
     finally:

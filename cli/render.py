@@ -77,13 +77,23 @@ def spectrum_table(result, title: str) -> Table:
     if op.get("fisher"):
         curvature += f" ({op['fisher']}" + (f", seed {op.get('seed')})" if op["fisher"] == "mc"
                                             else ")")
-    table.caption = (f"{curvature}: {op.get('dim')} parameters, {op.get('samples')} samples, "
+    table.caption = (f"{curvature}: {op.get('dim')} parameters, {counts_text(result)}, "
                      f"{op.get('dtype')} on {op.get('device')}, HVP mode {op.get('mode')}; "
                      f"{result.hvps} HVPs in {result.seconds:.1f} s"
                      f"{peak_memory_text(result)}; seed {result.seed}; "
                      f"tol {top.tol:g} (relative residual)")
     table.caption_justify = "left"
     return table
+
+
+def counts_text(result) -> str:
+    """``"64 samples, 1371 loss terms"``: the data set items and the terms the loss averaged
+    over (tokens, for a per-token language-model loss), each named as such."""
+    samples = result.samples
+    terms = result.loss_terms
+    if samples is None:
+        return f"{terms} loss terms"
+    return f"{samples} samples, {terms} loss terms"
 
 
 def peak_memory_text(result) -> str:
@@ -306,8 +316,10 @@ def baseline_table(baseline, path: str) -> Table:
             label = name if len(values) == 1 else f"lambda_{i + 1}"
             table.add_row(label, fmt(value, 6), f"{kind} {fmt(error, 2)}")
     task = baseline.task
+    terms = task.get("loss_terms")  # baselines written before it: not recorded
     table.caption = (f"{task['model']} on {task['data']} ({task['split']}, {task['samples']} "
-                     f"samples), loss {task['loss']}; seed {baseline.settings.seed}, "
+                     "samples" + ("" if terms is None else f", {terms} loss terms")
+                     + f"), loss {task['loss']}; seed {baseline.settings.seed}, "
                      f"{baseline.settings.dtype}, tol {baseline.settings.tol or 'by dtype'}")
     table.caption_justify = "left"
     return table
@@ -369,7 +381,7 @@ def landscape_table(result, title: str) -> Table:
                      f"{fmt(float(result.xs[-1]))}]"
                      + ("" if result.ys is None else f", y in [{fmt(float(result.ys[0]))}, "
                         f"{fmt(float(result.ys[-1]))}]")
-                     + f"; {result.samples} samples, {result.forward_passes} forward passes"
+                     + f"; {result.samples} loss terms, {result.forward_passes} forward passes"
                      + (f" ({result.resumed_points} points resumed)" if result.resumed_points
                         else "") + f" in {result.seconds:.1f} s; seed {result.seed}")
     table.caption_justify = "left"

@@ -478,12 +478,15 @@ def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     align = (align or AlignSettings()) if "alignment" in metrics else None
     task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe,
                      allow_nonfinite=allow_nonfinite)
-    _, values = _measure(task, checkpoint, metrics, settings, data, align, model_spec, loss,
-                         unsafe, progress, baseline=True)
+    result, values = _measure(task, checkpoint, metrics, settings, data, align, model_spec,
+                              loss, unsafe, progress, baseline=True)
     origin = provenance(task)
+    # what the loss averaged over, beside the samples: tokens, for a per-token loss
+    # (recorded, not compared; baselines written before it lack it)
+    terms = {"loss_terms": result.loss_terms} if result.loss_terms is not None else {}
     return Baseline(
-        metrics=values, task=_task_key(task), data=data, settings=settings, created=now(),
-        versions=versions(), source=f"file:{checkpoint}", align=align,
+        metrics=values, task={**_task_key(task), **terms}, data=data, settings=settings,
+        created=now(), versions=versions(), source=f"file:{checkpoint}", align=align,
         checkpoint={"path": origin["checkpoint_path"], "sha256": origin["checkpoint_sha256"],
                     "step": None if origin["step"] == -1 else origin["step"]})
 
@@ -616,7 +619,7 @@ def _from_store(store_path: str, analysis_id: str, metrics: tuple[str, ...]) -> 
         metrics=metric_values(result, metrics),
         task={"model": a.get("model"), "data": recorded.get("spec"),
               "split": recorded.get("split", "train"), "loss": a.get("loss") or "cross-entropy",
-              "samples": a.get("samples")},
+              "samples": a.get("samples"), "loss_terms": result.loss_terms},
         data=data, settings=settings,
         checkpoint={"path": a.get("checkpoint_path"), "sha256": a.get("checkpoint_sha256")},
         created=str(a.get("created", "")), versions=a.get("versions") or {},

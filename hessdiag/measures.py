@@ -556,4 +556,10 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
         tol=settings.tol, seed=settings.seed, device=resolve_device(settings.device),
         progress=progress, collective=group)
     result = replace(result, settings={**result.settings, **vars(settings), "alpha": alpha})
+    used = task.data.samples
+    if task.data.batches is None and settings.samples is not None and used < settings.samples:
+        # the measurement set is capped at the data: say so beside the minibatches' note
+        result = replace(result, note=_sentence(
+            f"the measurement set is all {used} samples of data {task.data.name} instead of "
+            f"{settings.samples}", result.note))
     return result, task

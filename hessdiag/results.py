@@ -67,6 +67,15 @@ class SpectrumResult:
     peak_memory: int | None = None
     peak_memory_growth: int | None = None
     peak_memory_kind: str | None = None
+    # data set items (sequences, images, graphs) the loss averaged over, when known (the
+    # operator counts only the loss's terms: tokens, for a per-token language-model loss)
+    samples: int | None = None
+
+    @property
+    def loss_terms(self) -> int | None:
+        """The terms the loss averaged over (stores before ``loss_terms``: ``samples``)."""
+        op = self.operator
+        return op.get("loss_terms", op.get("samples"))
 
     @property
     def lambda_max(self) -> float:
@@ -112,7 +121,8 @@ class SpectrumResult:
             "seed": self.seed,
             "started_from": self.settings.get("started_from"),
             "dim": self.operator.get("dim"),
-            "samples": self.operator.get("samples"),
+            "samples": self.samples,
+            "loss_terms": self.loss_terms,
             "hvp_mode": self.operator.get("mode"),
             "vector_batch": self.operator.get("vector_batch"),
             "dtype": self.operator.get("dtype"),
@@ -248,7 +258,8 @@ class LandscapeResult:
             "loss0": self.loss0,
             "loss_min": _float(finite.min()) if finite.size else None,
             "loss_max": _float(finite.max()) if finite.size else None,
-            "directions": self.directions, "samples": self.samples,
+            # ``samples`` (the stored key) counts the loss's terms, as ``loss_terms`` says
+            "directions": self.directions, "samples": self.samples, "loss_terms": self.samples,
             "forward_passes": self.forward_passes, "resumed_points": self.resumed_points,
             "seconds": self.seconds, "seed": self.seed, "settings": self.settings,
         }

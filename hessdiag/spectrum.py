@@ -9,7 +9,7 @@ one :class:`SpectrumSettings`, whose defaults are those of ``hessdiag spectrum``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hessdiag._errors import InputError
@@ -82,6 +82,7 @@ def analyse_checkpoint(
                               task.batches(data.batch_size, sharded=group is not None),
                               settings, optimizer_state=task.optimizer_state,
                               progress=progress, collective=group)
+    result = replace(result, samples=task.data.samples)
     analysis_id = None
     if store is not None and is_main():  # across processes, rank 0 writes
         origin = provenance(task)

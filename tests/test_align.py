@@ -243,3 +243,43 @@ def test_eigensam_measures_the_perturbation_the_optimizer_applied(tmp_path):
     assert results["eigensam"]["alignment"] == pytest.approx(again.alignment, abs=1e-6)
     assert results["eigensam"]["alignment"] != pytest.approx(
         results["eigensam-exact"]["alignment"], abs=1e-3)
+
+
+SMALL_TASK = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def data(split="train"):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g))
+
+
+def model():
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+'''
+
+
+def test_align_on_64_samples_says_what_its_defaults_became(tmp_path):
+    """512 measurement samples and 20 minibatches of 128 asked (the defaults), 64 samples
+    held: one note line on stderr says what was used instead."""
+    from hessdiag.checkpoints import save_checkpoint
+    from hessdiag.data import load_dataset
+
+    factory = tmp_path / "small.py"
+    factory.write_text(SMALL_TASK)
+    torch.manual_seed(0)
+    spec = {"model": f"{factory}:model", "data": f"{factory}:data"}
+    path = tmp_path / "small.pt"
+    save_checkpoint(path, nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+                    model_spec=spec["model"], data={"spec": spec["data"], "split": "train"})
+    code, out, err = run_cli(["align", path, "--model", spec["model"], "--data", spec["data"],
+                              "--store", tmp_path / "a.h5"])
+    assert code == 0, err
+    name = load_dataset(spec["data"]).name
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: small.pt: the measurement set is all 64 samples of data {name} instead of "
+        f"512; data {name} has 64 samples, fewer than one minibatch of 128: 1 minibatch of "
+        "all 64 samples instead of 20; no interval from a single minibatch"], err

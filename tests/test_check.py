@@ -48,7 +48,7 @@ def test_a_checkpoint_against_its_own_baseline_passes(files):
     tmp, baseline, _ = files
     saved = json.loads(baseline.read_text())
     assert saved["task"] == {"model": "mlp", "data": "digits", "split": "train",
-                             "loss": "cross-entropy", "samples": 512}
+                             "loss": "cross-entropy", "samples": 512, "loss_terms": 512}
     assert saved["settings"]["seed"] == 0 and saved["versions"]["torch"]
     for seed in (None, 3):
         args = ["check", DEMO, "--baseline", baseline, "--json", "--quiet"]

@@ -89,7 +89,7 @@ def assert_same_spectrum(one: dict, two: dict, rtol: float = 1e-8) -> None:
     assert two["eigenvalues"] == pytest.approx(one["eigenvalues"], rel=rtol)
     assert two["lambda_min"] == pytest.approx(one["lambda_min"], rel=rtol)
     assert two["trace"] == pytest.approx(one["trace"], rel=rtol)
-    assert two["samples"] == one["samples"]
+    assert two["samples"] == one["samples"] and two["loss_terms"] == one["loss_terms"]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -168,7 +168,7 @@ def test_token_task_spectrum_on_two_processes_equals_one_process(two_process_job
     two = json.loads((where / "text.json").read_text())
     one = one_process([*jobs["text"][:-1], "one.h5"], where)
     assert_same_spectrum(one, two)
-    assert one["samples"] == 204  # real tokens, padding left out, whichever shard
+    assert one["samples"] == 9 and one["loss_terms"] == 204  # tokens, padding left out
 
 
 def test_alignment_on_two_processes_equals_one_process(two_process_jobs):

@@ -418,3 +418,41 @@ def test_samples_of_inconsistent_structure_exit_2(tmp_path):
     assert code == 2 and "inconsistent structure: sample 3" in err
     assert not (tmp_path / "s.h5").exists()
     sys.modules.pop("mixed", None)
+
+
+def test_samples_and_loss_terms_named_apart_in_spectrum_and_baseline(tmp_path):
+    """A per-token language-model loss averages over tokens, not over the sequences:
+    ``spectrum`` and ``baseline`` print the same sample count (sequences) and, apart, the
+    loss's term count (tokens, padding left out)."""
+    from hessdiag.data import load_dataset
+    from hessdiag.task import new_task
+
+    data = load_dataset("text", samples=9)
+    torch.manual_seed(0)
+    task = new_task("tiny-lm", data, model_kwargs={"d_model": 8, "heads": 2, "layers": 1})
+    path = tmp_path / "lm.pt"
+    save_checkpoint(path, task.model, model_spec="tiny-lm", model_kwargs=task.model_kwargs,
+                    data={"spec": "text", "split": "train"}, loss=task.loss.spec)
+    tokens = sum(int((y != -100).sum()) for _, y in (data.dataset[i] for i in range(9)))
+    common = ["--samples", 9, "--batch-size", 4, "--top-k", 1, "--quiet"]
+    code, out, err = run(["spectrum", path, *common, "--store", tmp_path / "s.h5"])
+    assert code == 0, err
+    assert f"9 samples, {tokens} loss terms" in " ".join(out.split()), out  # caption wraps
+    code, out, err = run(["baseline", path, *common, "--metric", "lambda_max",
+                          "-o", tmp_path / "b.json"])
+    assert code == 0, err
+    assert f"9 samples, {tokens} loss terms" in " ".join(out.split()), out  # caption wraps
+    recorded = json.loads((tmp_path / "b.json").read_text())["task"]
+    assert recorded["samples"] == 9 and recorded["loss_terms"] == tokens
+    code, out, err = run(["spectrum", path, *common, "--json", "--store", tmp_path / "s.h5"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["samples"] == 9 and result["loss_terms"] == tokens > 9
+
+
+def test_a_result_stored_before_loss_terms_reads_its_terms_from_samples():
+    from hessdiag.results import SpectrumResult
+
+    old = SpectrumResult(top=None, bottom=None, trace=None, density=None,
+                         operator={"samples": 204}, hvps=0, seconds=0.0, seed=0)
+    assert old.loss_terms == 204 and old.samples is None

@@ -973,6 +973,10 @@ class HessianOperator:
             "mode_timings": dict(self.mode_timings),
             "memory_estimate": self.memory_estimate,
             "memory_budget": self.memory_budget,
+            # the loss's terms over all batches (the count it averages over: the samples,
+            # or the tokens of a per-token loss); ``samples`` is the same count under the
+            # key stores written before ``loss_terms`` hold
+            "loss_terms": self.n_samples,
             "samples": self.n_samples,
             "batches": self.n_batches,
             "train_mode": self.train_mode,
