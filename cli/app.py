@@ -438,7 +438,7 @@ def _json_kwargs(text: str | None) -> dict[str, Any]:
 
 
 @app.command(cls=Command, short_help=(
-    "Eigenvalues, trace and spectral density of the loss Hessian at checkpoints."))
+    "Top eigenvalues, trace and spectral density of the loss Hessian."))
 @handles_errors
 def spectrum(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files (several: a run's "
@@ -587,7 +587,7 @@ def spectrum(
 
 
 @app.command(cls=Command, short_help=(
-    "Critical, worst-case (SAM's) and adaptive (ASAM's) sharpness of checkpoints."))
+    "Critical, worst-case (SAM) and adaptive sharpness of checkpoints."))
 @handles_errors
 def sharpness(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files."),
@@ -776,7 +776,7 @@ def landscape(
 
 
 @app.command(cls=Command, short_help=(
-    "Train or fine-tune with SGD, SAM or Eigen-SAM, recording sharpness."))
+    "Train or fine-tune with SGD, SAM or Eigen-SAM, logging sharpness."))
 @handles_errors
 def train(
     model: str | None = MODEL_OPTION,
@@ -916,8 +916,7 @@ def train(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-@app.command(cls=Command, short_help=(
-    "Alignment of SAM-type perturbations with the top Hessian eigenvector."))
+@app.command(cls=Command, short_help="How well SAM-type perturbations follow the top eigenvector.")
 @handles_errors
 def align(
     targets: list[Path] = typer.Argument(..., help="Checkpoints, or directories of "
@@ -1059,8 +1058,7 @@ CHECK_METRIC_OPTION = typer.Option(None, "--metric", help="lambda_max, lambda_mi
                                    "lambda_max and trace.")
 
 
-@app.command(cls=Command, short_help=(
-    "Record a checkpoint's sharpness as the baseline `check` compares with."))
+@app.command(cls=Command, short_help="Record a checkpoint's sharpness for `check` to compare with.")
 @handles_errors
 def baseline(
     checkpoint: Path = typer.Argument(..., help="The checkpoint whose sharpness is the "
@@ -1295,8 +1293,7 @@ def show(
             render.stdout.print(render.density_sketch(record))
 
 
-@app.command(cls=Command, short_help=(
-    "Flat tables of everything in a store, for pandas and spreadsheets."))
+@app.command(cls=Command, short_help="Flat tables of a store, for pandas and spreadsheets.")
 @handles_errors
 def export(
     store: Path = typer.Argument(..., help="The store to export."),
@@ -1363,7 +1360,7 @@ def _open_store(store: Path) -> Any:
 
 
 @app.command(cls=Command, short_help=(
-    "Draw a figure from a store: spectra, training, sharpness, landscapes."))
+    "Draw spectra, training, sharpness or landscapes from a store."))
 @handles_errors
 def plot(
     store: Path = typer.Argument(..., help="The store to draw from."),
@@ -1407,8 +1404,7 @@ def compact(
                         "record")
 
 
-@app.command(cls=Command, short_help=(
-    "Check a store against its checksums; --salvage copies the intact records."))
+@app.command(cls=Command, short_help="Check a store's checksums; --salvage copies intact records.")
 @handles_errors
 def verify(
     store: Path = typer.Argument(..., help="The store to check."),

@@ -103,3 +103,15 @@ def test_every_option_of_every_command_is_in_a_named_panel():
                 assert param.rich_help_panel, f"{name} {param.opts}: no help panel"
                 if param.is_flag:
                     assert param.display_type_rich(ctx) == "", f"{name} {param.opts}"
+
+
+def test_every_summary_fits_a_row_of_an_80_column_terminal():
+    """`hessdiag --help` at 80 columns leaves 65 characters for a summary."""
+    import typer.main
+
+    from hessdiag.cli.app import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        summary = command.get_short_help_str(limit=1000)
+        assert len(summary) <= 65, (name, len(summary), summary)
