@@ -30,8 +30,8 @@ import torch
 
 from hessdiag.check import NotConverged, check, make_baseline
 from hessdiag.checkpoints import load_checkpoint, save_checkpoint
-from hessdiag.measures import compute_spectrum
 from hessdiag.settings import CHECK_MAX_HVPS, DataSettings, SpectrumSettings
+from hessdiag.spectrum import compute_spectrum
 from hessdiag.task import load_task
 
 DEMO = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-mlp.pt"

@@ -52,8 +52,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hessdiag.curvature import HessianOperator, hutchinson, hutchpp, lanczos, slq  # noqa: E402
-from hessdiag.measures import top_start  # noqa: E402
 from hessdiag.runtime import PeakMemory  # noqa: E402
+from hessdiag.spectrum import top_start  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*create_graph=True.*")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")

@@ -56,15 +56,16 @@ from typing import Any
 import numpy as np
 
 from hessdiag._errors import InputError
+from hessdiag.align import checkpoint_alignment
 from hessdiag.curvature.lanczos import default_tol
 from hessdiag.curvature.stats import bounded_mean_interval
 from hessdiag.distributed import collective, is_main
-from hessdiag.measures import checkpoint_alignment, compute_spectrum
 from hessdiag.records import provenance, read_spectrum
 from hessdiag.results import SpectrumResult
 from hessdiag.runtime import resolve_device, resolve_dtype, versions
 from hessdiag.settings import CHECK_MAX_HVPS, AlignSettings, DataSettings, SpectrumSettings
 from hessdiag.sharpness import measure_sharpness
+from hessdiag.spectrum import compute_spectrum
 from hessdiag.store import Store, now
 from hessdiag.task import Task, load_task
 
@@ -360,7 +361,7 @@ class _Budget:
     """The progress callback of a measurement, holding each eigenvalue solve to
     ``settings.max_hvps`` products.
 
-    :func:`~hessdiag.measures.compute_spectrum` runs the top eigenvalues, then
+    :func:`~hessdiag.spectrum.compute_spectrum` runs the top eigenvalues, then
     ``lambda_min``, then the trace; each solver reports ``(done, total)`` from its own
     count, so a count that starts again (or a new total) is the next solver. A solve that
     asks for a product beyond the budget is stopped (:class:`_Spent`): the solver's own

@@ -24,9 +24,14 @@ from typing import Any
 import numpy as np
 
 from hessdiag.curvature import EigenResult, SLQResult, TraceResult
-from hessdiag.results import AlignmentResult, LandscapeResult, LayerSharpness, SpectrumResult
+from hessdiag.results import (
+    AlignmentResult,
+    LandscapeResult,
+    LayerSharpness,
+    SharpnessResult,
+    SpectrumResult,
+)
 from hessdiag.runtime import versions
-from hessdiag.sharpness import SharpnessResult
 from hessdiag.stability import peak_stability
 from hessdiag.store import Record, Store
 

@@ -3,12 +3,14 @@
 :class:`SpectrumResult` (``hessdiag spectrum``) and :class:`AlignmentResult`
 (``hessdiag align``) are written to the store and read back whole by
 :mod:`hessdiag.records`; ``to_dict()`` is their JSON form (documented in docs/cli.md).
+:class:`LandscapeResult` (``hessdiag landscape``) and :class:`SharpnessResult`
+(``hessdiag sharpness``, computed by :mod:`hessdiag.sharpness`) are stored the same way.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -263,3 +265,51 @@ class LandscapeResult:
             "forward_passes": self.forward_passes, "resumed_points": self.resumed_points,
             "seconds": self.seconds, "seed": self.seed, "settings": self.settings,
         }
+
+
+@dataclass
+class SharpnessResult:
+    """One sharpness measurement with what it needs to be judged.
+
+    ``value``: the measure (critical: ``2 / lr_c``; worst-case and adaptive: the loss
+    increase; ``NaN`` when undefined, with ``reason``). ``interval``: for critical
+    sharpness, the value's bounds from the final bracket of ``lr_c``; for the ascent
+    measures, ``(value, inf)`` (a lower bound). ``converged``: critical, the bracket
+    reached ``rtol``; ascent, the value's relative change over the last step fell below
+    ``tol`` within ``max_steps``. ``steps``: ascent steps taken (critical: 0).
+    ``history``: the value after each ascent step."""
+
+    measure: str
+    value: float
+    interval: tuple[float, float]
+    loss: float
+    forward_passes: int
+    backward_passes: int
+    seconds: float
+    samples: int
+    rho: float | None = None
+    lr_c: float | None = None
+    grad_norm: float | None = None
+    history: list[float] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    converged: bool = True
+    steps: int = 0
+    hvps: int = 0
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["interval"] = list(self.interval)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SharpnessResult:
+        d = dict(d)
+        d["interval"] = tuple(d["interval"])
+        if "converged" not in d and d.get("measure") != "critical":
+            # written before ascents were judged: a fixed number of steps, unconverged
+            d["converged"] = False
+            d["steps"] = int((d.get("settings") or {}).get("steps") or len(d.get("history")
+                                                                            or []))
+            d["reason"] = "recorded before hessdiag checked the ascent's convergence"
+        return cls(**d)

@@ -89,7 +89,7 @@ class SpectrumSettings:
     device; :class:`hessdiag.curvature.HessianOperator`). ``start``: the top eigenvalues'
     starting vector, ``random`` (Gaussian from ``seed``; also what ``auto`` takes) or
     ``gradient`` (the loss gradient plus a Gaussian vector of the same norm; see
-    :func:`hessdiag.measures.top_start` for when it helps and why it is not the default).
+    :func:`hessdiag.spectrum.top_start` for when it helps and why it is not the default).
     ``preconditioner="adam"``
     analyses ``P^-1/2 H P^-1/2`` with Adam's ``P = diag(sqrt(v_hat) + eps)`` from the
     checkpoint's optimizer state (the preconditioned sharpness of Cohen et al. 2022).

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,61 +75,18 @@ from torch import Tensor, nn
 
 from hessdiag._errors import InputError
 from hessdiag.objective import MeanLoss
+from hessdiag.results import SharpnessResult  # owned by hessdiag.results; see below
 from hessdiag.settings import ASCENT_MAX_STEPS, ASCENT_METHODS, ASCENT_TOL, SHARPNESS_MEASURES
+
+# SharpnessResult lives in hessdiag.results beside the other results, so that
+# hessdiag.records, which stores it, need not import this module; it is re-exported here,
+# where it is documented.
 
 __all__ = ["SharpnessResult", "critical_sharpness", "ascent_sharpness", "measure_sharpness",
            "trust_region_max", "ASCENT_METHODS"]
 
 ASAM_ETA = 0.01
 ASCENT_KRYLOV = 12  # the Krylov basis: Hessian-vector products per ascent step
-
-
-@dataclass
-class SharpnessResult:
-    """One sharpness measurement with what it needs to be judged.
-
-    ``value``: the measure (critical: ``2 / lr_c``; worst-case and adaptive: the loss
-    increase; ``NaN`` when undefined, with ``reason``). ``interval``: for critical
-    sharpness, the value's bounds from the final bracket of ``lr_c``; for the ascent
-    measures, ``(value, inf)`` (a lower bound). ``converged``: critical, the bracket
-    reached ``rtol``; ascent, the value's relative change over the last step fell below
-    ``tol`` within ``max_steps``. ``steps``: ascent steps taken (critical: 0).
-    ``history``: the value after each ascent step."""
-
-    measure: str
-    value: float
-    interval: tuple[float, float]
-    loss: float
-    forward_passes: int
-    backward_passes: int
-    seconds: float
-    samples: int
-    rho: float | None = None
-    lr_c: float | None = None
-    grad_norm: float | None = None
-    history: list[float] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    converged: bool = True
-    steps: int = 0
-    hvps: int = 0
-    reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["interval"] = list(self.interval)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SharpnessResult:
-        d = dict(d)
-        d["interval"] = tuple(d["interval"])
-        if "converged" not in d and d.get("measure") != "critical":
-            # written before ascents were judged: a fixed number of steps, unconverged
-            d["converged"] = False
-            d["steps"] = int((d.get("settings") or {}).get("steps") or len(d.get("history")
-                                                                            or []))
-            d["reason"] = "recorded before hessdiag checked the ascent's convergence"
-        return cls(**d)
 
 
 def _step(theta: list[Tensor], direction: list[Tensor], eta: float) -> list[Tensor]:

@@ -58,12 +58,12 @@ import torch
 from torch import Tensor, nn
 
 from hessdiag._errors import InputError
+from hessdiag.align import alignment_row, top_eigenpair
 from hessdiag.checkpoints import save_checkpoint
 from hessdiag.curvature.preconditioned import name_optimizer_state
 from hessdiag.data import batch_of, fixed_batches, load_dataset, to_device
 from hessdiag.distributed import collective
 from hessdiag.losses import Loss, cross_entropy
-from hessdiag.measures import alignment_row, top_eigenpair
 from hessdiag.optim import SAM, EigenSAM
 from hessdiag.optim.build import build_optimizer
 from hessdiag.optim.sam import disable_running_stats, enable_running_stats

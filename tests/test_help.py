@@ -108,7 +108,6 @@ def test_every_option_of_every_command_is_in_a_named_panel():
 def test_every_summary_fits_a_row_of_an_80_column_terminal():
     """`hessdiag --help` at 80 columns leaves 65 characters for a summary."""
     import typer.main
-
     from hessdiag.cli.app import app
 
     group = typer.main.get_command(app)

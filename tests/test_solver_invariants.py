@@ -18,7 +18,7 @@ import torch
 from conftest import dense_hessian
 
 from hessdiag.curvature import HessianOperator, MatrixOperator, lanczos
-from hessdiag.measures import top_start
+from hessdiag.spectrum import top_start
 
 F64 = torch.float64
 

@@ -100,7 +100,7 @@ def test_a_large_retained_graph_has_a_larger_peak_than_a_tiny_run():
     script = textwrap.dedent("""
         import json, torch
         from torch import nn
-        from hessdiag.measures import compute_spectrum
+        from hessdiag.spectrum import compute_spectrum
         from hessdiag.settings import SpectrumSettings
         torch.manual_seed(0)
         out = {}

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hessdiag.curvature import GGNOperator, HessianOperator
 from hessdiag.curvature.preconditioned import PreconditionedOperator
-from hessdiag.measures import compute_spectrum, top_start
 from hessdiag.settings import SpectrumSettings
+from hessdiag.spectrum import compute_spectrum, top_start
 
 F64 = torch.float64
 
