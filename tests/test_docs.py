@@ -3,9 +3,10 @@
 * The printed outputs between ``<!-- begin output: COMMAND -->`` and ``<!-- end output -->``
   are what ``python docs/regenerate.py`` writes: the fast blocks are run again here (the
   ``slow`` ones, a spectrum or a landscape of several seconds each, only by the script).
-* Every ``--option`` a page names is an option of a hessdiag command, and every option
+* Every ``--option`` a command page names is an option of a hessdiag command, and every option
   written in a ``hessdiag COMMAND ...`` command line (a code block, with its continuation
-  lines, or an inline code span) is an option of that COMMAND, as ``--help`` lists it.
+  lines, or an inline code span) of a page or the README is an option of that COMMAND,
+  as ``--help`` lists it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = sorted(DOCS.rglob("*.md"))
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 # options of other programs that a page shows (report.md: headless Chromium's)
 FOREIGN = {"--headless", "--screenshot", "--window-size", "--no-sandbox", "--disable-gpu"}
@@ -69,7 +70,7 @@ def _command_lines(text: str) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_option_a_page_names_exists(page):
     """On the command pages every ``--option`` is hessdiag's (other pages also show
     pip's, torchrun's, Slurm's); on every page, a hessdiag command line's are its own."""
@@ -94,8 +95,8 @@ def test_every_option_a_page_names_exists(page):
 def test_output_markers_are_well_formed_and_no_block_is_empty():
     regenerate = _regenerate()
     pages = [p for p in PAGES if "begin output" in p.read_text()]
-    names = {p.relative_to(DOCS).as_posix() for p in pages}
-    assert {"commands/check.md", "ci.md", "quickstart.md"} <= names
+    names = {p.relative_to(ROOT).as_posix() for p in pages}
+    assert {"docs/commands/check.md", "docs/ci.md", "docs/quickstart.md"} <= names
     for page in pages:
         for match in regenerate.blocks(page.read_text()):
             body = match.group("body")
@@ -111,5 +112,12 @@ def test_fast_output_blocks_are_what_the_commands_print(tmp_path):
     for page in PAGES:
         text = page.read_text()
         if "begin output" in text and regenerate.regenerate(text, runner, fast=True) != text:
-            stale.append(page.relative_to(DOCS).as_posix())
+            stale.append(page.relative_to(ROOT).as_posix())
     assert not stale, f"outputs drifted in {stale}: run python docs/regenerate.py"
+
+
+def test_the_command_table_lists_every_command():
+    text = (DOCS / "cli.md").read_text()
+    first = text[text.index("| command | what | page |"):].split("\n\n")[0]
+    table = re.findall(r"^\| `([a-z-]+)` \|", first, re.M)
+    assert sorted(table) == sorted(name for name in _options_by_command() if name)
