@@ -42,10 +42,10 @@ DOCS = ROOT / "docs"
 SHIPPED = ("digits-mlp.pt", "digits-mlp.baseline.json")
 
 BLOCK = re.compile(
-    r"<!-- begin output(?P<slow> slow)?: (?P<command>.+?) -->\n"
+    r"^<!-- begin output(?P<slow> slow)?: (?P<command>.+?) -->\n"
     r"```\n(?P<body>.*?)```\n"
-    r"<!-- end output -->", re.S)
-BEGIN = re.compile(r"<!-- begin output")
+    r"<!-- end output -->", re.S | re.M)
+BEGIN = re.compile(r"^<!-- begin output", re.M)  # at a line's start: prose may quote it
 
 _VARYING = (
     (re.compile(r"\b\d+(?:\.\d+)? s\b(?!\.e\.)"), "… s"),             # wall times
@@ -128,7 +128,7 @@ def regenerate(text: str, runner: Runner, *, fast: bool = False) -> str:
 def pages(names: list[str]) -> list[Path]:
     if names:
         return [Path(name).resolve() for name in names]
-    return sorted(p for p in DOCS.rglob("*.md") if "begin output" in p.read_text())
+    return sorted(p for p in DOCS.rglob("*.md") if BEGIN.search(p.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
