@@ -121,3 +121,25 @@ def test_the_command_table_lists_every_command():
     first = text[text.index("| command | what | page |"):].split("\n\n")[0]
     table = re.findall(r"^\| `([a-z-]+)` \|", first, re.M)
     assert sorted(table) == sorted(name for name in _options_by_command() if name)
+
+
+def test_every_option_of_a_command_is_on_its_page():
+    """An option ``--help`` lists is documented on the command's page (any one of its
+    names; ``--debug`` and ``--help`` are on cli.md, ``compact``'s in store.md)."""
+    import typer
+    from hessdiag.cli.app import app
+
+    group = typer.main.get_command(app)
+    assert "`--debug`" in (DOCS / "cli.md").read_text()
+    pages = {"baseline": "commands/check.md", "check": "commands/check.md",
+             "compact": "store.md"}
+    missing = []
+    for name, command in group.commands.items():
+        text = (DOCS / pages.get(name, f"commands/{name}.md")).read_text()
+        for param in command.params:
+            names = [opt for opt in (*param.opts, *param.secondary_opts)
+                     if opt.startswith("-") and opt not in ("--debug", "--help")]
+            if names and not any(re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text)
+                                 for opt in names):
+                missing.append(f"hessdiag {name} {'/'.join(names)}")
+    assert not missing, f"options no page documents: {missing}"
