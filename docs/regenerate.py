@@ -13,9 +13,10 @@ and ``begin output slow:`` marks a block whose command takes more than a few sec
 (the test, ``tests/test_docs.py``, leaves those out; this script runs them all unless
 ``--fast``). The command after the colon is run as written, in a temporary directory
 holding a copy of the shipped ``checkpoints/`` (the digits MLP and its baseline), with
-hessdiag's defaults (seed 0) and torch on one thread, through the ``hessdiag`` command's
-own entry point in this process: what a CI log shows, since stdout and stderr are not a
-terminal (stdout first, then stderr). A command is run once however many pages show it.
+hessdiag's defaults (seed 0) and torch on one thread, through the Typer app the
+``hessdiag`` command runs, in this process, with the consoles the CLI makes when stdout
+and stderr are not a terminal (160 columns, no colour): what a CI log shows, whether or
+not this script runs in a terminal (stdout first, then stderr). A command is run once however many pages show it.
 
 What must vary from run to run is replaced here, so that the committed text is stable:
 wall times (``in 7.5 s`` becomes ``in … s``), peak memory (``… MiB``), the time stamp and
@@ -74,13 +75,20 @@ def normalise(text: str, workdir: Path) -> str:
 def run(command: str, workdir: Path) -> str:
     """``$ command`` and what it printed, normalised."""
     import torch
+    from hessdiag.cli import render
     from hessdiag.cli.app import app
+    from rich.console import Console
     from typer.testing import CliRunner
 
     args = shlex.split(command)
     if args[0] != "hessdiag":
         raise ValueError(f"an output block runs a hessdiag command, not {command!r}")
     here, threads = Path.cwd(), torch.get_num_threads()
+    consoles = render.stdout, render.stderr
+    # what a CI log shows, whether or not this script runs in a terminal: no colour, and
+    # the width the CLI gives a console that is not a terminal
+    plain = {"highlight": False, "width": 160, "force_terminal": False, "color_system": None}
+    render.stdout, render.stderr = Console(**plain), Console(stderr=True, **plain)
     torch.set_num_threads(1)  # the same sums in the same order on every machine
     os.chdir(workdir)
     try:
@@ -88,6 +96,7 @@ def run(command: str, workdir: Path) -> str:
     finally:
         os.chdir(here)
         torch.set_num_threads(threads)
+        render.stdout, render.stderr = consoles
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise RuntimeError(f"{command}: {result.exception!r}") from result.exception
     printed = result.stdout + result.stderr
