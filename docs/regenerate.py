@@ -16,7 +16,8 @@ holding a copy of the shipped ``checkpoints/`` (the digits MLP and its baseline)
 hessdiag's defaults (seed 0) and torch on one thread, through the Typer app the
 ``hessdiag`` command runs, in this process, with the consoles the CLI makes when stdout
 and stderr are not a terminal (160 columns, no colour): what a CI log shows, whether or
-not this script runs in a terminal (stdout first, then stderr). A command is run once however many pages show it.
+not this script runs in a terminal (stdout first, then stderr). A command is run once
+however many pages show it.
 
 What must vary from run to run is replaced here, so that the committed text is stable:
 wall times (``in 7.5 s`` becomes ``in … s``), peak memory (``… MiB``), the time stamp and
