@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 # test processes (pytest-xdist); each test runs its torch on one thread
 JOBS   ?= 2
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(PIP) -e '.[bench]'
 	$(BIN)/python benchmarks/bench_spectrum.py
+
+# the printed outputs shown in docs/ (tests/test_docs.py checks them)
+docs: $(VENV)/.installed
+	$(BIN)/python docs/regenerate.py
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -298,3 +298,24 @@ def test_measure_alignment_leaves_out_repeated_minibatches():
     alone = measure_alignment(model, loss, batches[0], batches, tol=1e-8)
     np.testing.assert_allclose(np.sort(result.cosines), np.sort(alone.cosines))
     assert alone.note == "" and alone.repeats == 0
+
+
+def test_t_quantiles_are_scipy_stats_own_and_a_check_does_not_import_scipy_stats():
+    """`t_interval` uses scipy.special.stdtrit (what scipy.stats.t.ppf calls) to keep
+    scipy.stats (about 0.9 s of imports) out of a command's start-up."""
+    import subprocess
+    import sys
+
+    from hessdiag.curvature.stats import t_interval
+
+    for n in (2, 3, 10, 99, 1000):
+        for confidence in (0.9, 0.95, 0.99):
+            half = t_interval(0.0, 1.0, n, confidence)[1]
+            assert half == float(stats.t.ppf(0.5 + confidence / 2, n - 1))
+    code = ("import sys, hessdiag.check, hessdiag.cli.app\n"
+            "from hessdiag.curvature.stats import bounded_mean_interval, mean_interval\n"
+            "mean_interval([1.0, 2.0, 4.0]); bounded_mean_interval([0.2, 0.4, 0.5])\n"
+            "print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
