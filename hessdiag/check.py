@@ -275,9 +275,7 @@ def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float,
     row (``dropped``) when ``max_drop`` is given; without it, a fall beyond
     :data:`WARN_DROP` passes with a warning. A model whose logits saturated, or weights
     that were zeroed, looks flat: a large drop is rarely the improvement it seems."""
-    if max_drop is not None and not 0 < max_drop < 1:
-        raise InputError(f"max_drop must be a fraction in (0, 1); got {max_drop}",
-                         param="max_drop")
+    _check_max_drop(max_drop)
     rows = []
     for name, base in metrics.items():
         if name == "adaptive_sharpness" and "converged" not in base:
@@ -311,6 +309,12 @@ def compare(metrics: dict[str, Any], measured: dict[str, Any], rtol: float,
                 ok, reason, warning = _drop(label, b, n, noise, max_drop)
             rows.append(MetricCheck(label, b, n, limit, noise, ok, reason, warning))
     return rows
+
+
+def _check_max_drop(max_drop: float | None) -> None:
+    if max_drop is not None and not 0 < max_drop < 1:
+        raise InputError(f"max_drop must be a fraction in (0, 1); got {max_drop}",
+                         param="max_drop")
 
 
 def _drop(label: str, b: float, n: float, noise: float, max_drop: float | None
@@ -656,9 +660,7 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
         raise InputError("nothing to check against: give a baseline or an absolute limit "
                          "(max_lambda, max_trace or max_ratio)",
                          param=("baseline", "max_lambda", "max_trace", "max_ratio"))
-    if max_drop is not None and not 0 < max_drop < 1:
-        raise InputError(f"max_drop must be a fraction in (0, 1); got {max_drop}",
-                         param="max_drop")
+    _check_max_drop(max_drop)
     if baseline is not None:
         baseline = _select(baseline, metrics)
         wanted = tuple(baseline.metrics)

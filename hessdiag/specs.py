@@ -22,7 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hessdiag._errors import InputError
+from hessdiag._errors import InputError, first_line
+
+# registry specs that carry a path after their colon, not a module
+DATA_PATH_PREFIXES = ("imagefolder:",)
 
 
 class UntrustedSpec(InputError):
@@ -41,9 +44,6 @@ def names_code(spec: object) -> bool:
         return False
     return not spec.strip().lower().startswith(DATA_PATH_PREFIXES)
 
-
-# registry specs that carry a path after their colon, not a module
-DATA_PATH_PREFIXES = ("imagefolder:",)
 
 
 def recorded(spec: str | None, *, what: str, source: str, option: str,
@@ -119,7 +119,5 @@ def call_factory(factory: Callable[..., Any], spec: str, what: str, **kwargs: An
     except InputError:
         raise
     except Exception as exc:  # the user's code: anything
-        from hessdiag._errors import first_line
-
         raise InputError(f"{what} {spec!r}: the factory raised {type(exc).__name__}: "
                          f"{first_line(exc)}", param=what) from exc
