@@ -1297,23 +1297,36 @@ def show(
 @handles_errors
 def export(
     store: Path = typer.Argument(..., help="The store to export."),
-    fmt: str = typer.Option("csv", "--format", help="csv or json."),
+    fmt: str = typer.Option("csv", "--format", help="csv, json or tensorboard."),
     out: Path | None = typer.Option(None, "--out", help="csv: a directory with one file per "
                                     "table (analyses.csv, eigenvalues.csv, layers.csv, "
                                     "runs.csv, ...; default: analyses.csv on stdout); json: "
-                                    "a file (default: stdout)."),
+                                    "a file (default: stdout); tensorboard: a directory "
+                                    "with one subdirectory of event files per run "
+                                    "(required)."),
     force: bool = typer.Option(False, "--force", help="Replace the files of an earlier "
                                "export at --out."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Flat tables of everything in a store, for pandas and spreadsheets."""
+    """Flat tables of everything in a store, for pandas and spreadsheets; or every run's
+    step series as TensorBoard event files (--format tensorboard)."""
     from hessdiag.records import flat_tables
     from hessdiag.store import Store
 
-    if fmt not in ("csv", "json"):
-        raise InputError(f"--format must be csv or json; got {fmt!r}")
+    if fmt not in ("csv", "json", "tensorboard"):
+        raise InputError(f"--format must be csv, json or tensorboard; got {fmt!r}")
     if not store.exists():
         raise InputError(f"store {store} does not exist")
+    if fmt == "tensorboard":
+        from hessdiag.integrations.tensorboard import export_tensorboard
+
+        if out is None:
+            raise InputError("--format tensorboard writes event files: give the directory "
+                             "with --out DIR")
+        exported = export_tensorboard(_open_store(store), out, force=force)
+        render.stderr.print(f"wrote {sum(e.scalars for e in exported)} values of "
+                            f"{len(exported)} runs to {out} (tensorboard --logdir {out})")
+        return
     tables = flat_tables(Store(store))
     if out is not None and not force:
         there = [out] if fmt == "json" and out.exists() else [

@@ -104,11 +104,19 @@ def stability_along(config: Mapping[str, Any], arrays: Mapping[str, Any]
     step's learning rate: recomputed from ``sharpness/lambda_max`` and ``sharpness/lr``
     with the run's variant (so a store written before the Nesterov threshold was right
     reads right), or the stored ``sharpness/stability`` when the lr column is missing.
-    ``None`` without sharpness rows or for Adam-based runs."""
+    For Adam-based runs, the stored ratio of the preconditioned sharpness when the rows
+    hold it (a :class:`hessdiag.monitor.SharpnessMonitor`'s), else ``None``; ``None``
+    without sharpness rows."""
     steps, lam = arrays.get("sharpness/step"), arrays.get("sharpness/lambda_max")
     if steps is None or lam is None or not len(steps):
         return None
     steps, lam = np.asarray(steps, dtype=float), np.asarray(lam, dtype=float)
+    stored = arrays.get("sharpness/stability")
+    if (run_variant(config)[0] == "adam" and stored is not None and len(stored) == len(steps)
+            and arrays.get("sharpness/preconditioned_lambda_max") is not None):
+        # a SharpnessMonitor's Adam rows: stability is the preconditioned sharpness over
+        # Adam's threshold, measured with the live optimizer's preconditioner
+        return steps, np.asarray(stored, dtype=float)
     lr = arrays.get("sharpness/lr")
     if lr is not None and len(lr) == len(lam):
         lr = np.asarray(lr, dtype=float)
