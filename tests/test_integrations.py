@@ -307,7 +307,8 @@ from hessdiag.integrations.transformers import model_loss
 
 def model(**kwargs):
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
-                                     n_head=2, attn_implementation="eager")
+                                     n_head=2, bos_token_id=0, eos_token_id=0,
+                                     attn_implementation="eager")
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -335,6 +336,7 @@ BATCHES = [batches()]
 def test_transformers_callback_logs_lambda_max_that_spectrum_reproduces(tmp_path,
                                                                          monkeypatch):
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # the Trainer's
     pytest.importorskip("tensorboard")
     from hessdiag.checkpoints import save_checkpoint
     from hessdiag.integrations.transformers import SharpnessCallback
@@ -364,7 +366,7 @@ def test_transformers_callback_logs_lambda_max_that_spectrum_reproduces(tmp_path
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8,
         learning_rate=1e-2, logging_steps=1, report_to=["tensorboard"],
-        logging_dir=str(tmp_path / "tb"), use_cpu=True, save_strategy="no",
+        use_cpu=True, save_strategy="no",
         disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train_set,
                                    callbacks=[callback, SaveAt()])
@@ -376,7 +378,7 @@ def test_transformers_callback_logs_lambda_max_that_spectrum_reproduces(tmp_path
     logged = [(h["step"], h["hessdiag/lambda_max"]) for h in trainer.state.log_history
               if "hessdiag/lambda_max" in h]
     assert logged == [(int(r["step"]), r["lambda_max"]) for r in rows]
-    steps, values = _scalars(_event_dir(tmp_path / "tb"), "train/hessdiag/lambda_max")
+    steps, values = _scalars(_event_dir(tmp_path / "out"), "train/hessdiag/lambda_max")
     assert steps == [0, 2, 4]
     np.testing.assert_array_equal(values, np.float32([r["lambda_max"] for r in rows]))
     # AdamW: the preconditioned sharpness and its ratio once Adam has a state
@@ -392,3 +394,35 @@ def test_transformers_callback_logs_lambda_max_that_spectrum_reproduces(tmp_path
     row = rows[1]
     bound = row["lambda_max_residual"] + spectrum["residuals"][0]
     assert abs(spectrum["eigenvalues"][0] - row["lambda_max"]) <= bound + 1e-6
+    assert abs(spectrum["eigenvalues"][0] - row["lambda_max"]) <= 1e-3 * row["lambda_max"]
+    assert spectrum["step"] == 2 and spectrum["converged"] == [True]
+
+
+# --------------------------------------------------------------------------- the pages
+
+PAGES = {"tensorboard.md": ("tensorboard",), "lightning.md": ("lightning", "tensorboard"),
+         "transformers.md": ("transformers", "accelerate")}
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_integration_pages_run_as_written(page, tmp_path, monkeypatch, capsys):
+    """Every python block of docs/integrations/PAGE, in order, in a fresh directory."""
+    import re
+    from pathlib import Path
+
+    for module in PAGES[page]:
+        pytest.importorskip(module)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations" / page).read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    for block in blocks:
+        exec(compile(block, page, "exec"), namespace)  # noqa: S102
+    printed = capsys.readouterr().out
+    assert "lambda_max" in printed or "values" in printed or printed.count("\n") >= 3
+    if page == "tensorboard.md":
+        record = Store(tmp_path / "hessdiag.h5").run("digits-sgd")
+        assert record.attrs["status"] == "finished"
+        assert record.arrays["sharpness/step"].tolist() == [0, 5, 10, 15, 20]
+        assert (tmp_path / "tb-export" / "digits-sgd").is_dir()
