@@ -288,6 +288,13 @@ def test_lightning_callback_logs_lambda_max_that_spectrum_reproduces(tmp_path):
                                   [r["lambda_max"] for r in rows])
     assert record.arrays["sharpness/stability"][2] == pytest.approx(
         rows[2]["lambda_max"] * 0.5 / (2 * 1.9))
+    assert record.arrays["metrics/step"].tolist() == [1, 2, 3, 4, 5, 6]
+    # show, plot and report read the run as one of hessdiag train's
+    code, out, err = run(["plot", tmp_path / "h.h5", "--what", "sharpness", "-o",
+                          tmp_path / "s.png"])
+    assert code == 0 and (tmp_path / "s.png").stat().st_size > 0, err
+    code, out, err = run(["report", tmp_path / "h.h5", "-o", tmp_path / "r.html"])
+    assert code == 0 and "lightning" in (tmp_path / "r.html").read_text(), err
     # the same lambda_max from the checkpoint of step 4, measured from scratch
     spectrum = _spectrum_json(saved[4], "--samples", 64)
     row = rows[2]
@@ -426,3 +433,21 @@ def test_integration_pages_run_as_written(page, tmp_path, monkeypatch, capsys):
         assert record.attrs["status"] == "finished"
         assert record.arrays["sharpness/step"].tolist() == [0, 5, 10, 15, 20]
         assert (tmp_path / "tb-export" / "digits-sgd").is_dir()
+
+
+@pytest.mark.parametrize("framework", ["lightning", "transformers"])
+def test_without_the_framework_the_module_imports_and_the_callback_says_what_to_install(
+        framework, monkeypatch):
+    import importlib.util
+    import sys
+
+    for name in (framework, f"{framework}.pytorch"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    spec = importlib.util.find_spec(f"hessdiag.integrations.{framework}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a fresh copy, the installed one left alone
+    with pytest.raises(ImportError, match=rf"hessdiag\[{framework}\]"):
+        if framework == "lightning":
+            module.SharpnessCallback((torch.zeros(1, 2), torch.zeros(1)), nn.MSELoss())
+        else:
+            module.SharpnessCallback({"input_ids": torch.zeros(1, 2), "labels": torch.zeros(1, 2)})

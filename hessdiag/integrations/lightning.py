@@ -20,15 +20,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 from torch import Tensor
 
 from hessdiag.monitor import SharpnessMonitor
 
+try:
+    import lightning.pytorch as pl
+
+    _Callback: Any = pl.Callback
+except ImportError:  # the module imports; the callback says what is missing
+    pl = None
+    _Callback = object
+
 __all__ = ["SharpnessCallback"]
 
 
-class SharpnessCallback(pl.Callback):
+class SharpnessCallback(_Callback):
     """Measure sharpness every ``every`` optimizer steps of ``Trainer.fit``.
 
     ``measure_batches``: a fixed ``(inputs, targets)`` batch (or a list of them) on which
@@ -45,6 +52,9 @@ class SharpnessCallback(pl.Callback):
     def __init__(self, measure_batches: Any, loss_fn: Callable[[Any, Any], Tensor], *,
                  every: int = 100, model: Any = None, store: Any = None,
                  run: str | None = None, **monitor_kwargs: Any) -> None:
+        if pl is None:
+            raise ImportError("SharpnessCallback needs PyTorch Lightning: pip install "
+                              "'hessdiag[lightning]'")
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer of at least 1; got {every!r}")
@@ -52,16 +62,19 @@ class SharpnessCallback(pl.Callback):
         self.model, self.store, self.run = model, store, run
         self.monitor_kwargs = monitor_kwargs
         self.monitor: SharpnessMonitor | None = None
+        self._last_step: int | None = None
 
-    def _log(self, trainer: pl.Trainer) -> Callable[[dict[str, float], int], None]:
+    def _log(self, trainer: Any) -> Callable[[dict[str, float], int], None]:
         def log(values: dict[str, float], step: int) -> None:
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(values, step=step)
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
         return log
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         from hessdiag.data import to_device
+
+        if not trainer.is_global_zero:
+            return  # one process measures and logs (the weights are the same on all)
 
         model = self.model if self.model is not None else pl_module
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -71,20 +84,21 @@ class SharpnessCallback(pl.Callback):
             store=self.store, run=self.run, log_fn=self._log(trainer),
             config={"model": type(model).__name__, "framework": "lightning"},
             **self.monitor_kwargs)
+        self._last_step = trainer.global_step
         self.monitor.step(trainer.global_step)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+    def on_train_batch_end(self, trainer: Any, pl_module: Any,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.monitor is None:
-            return
-        loss = _loss_of(outputs)
-        self.monitor.step(trainer.global_step, loss=loss)
+        if self.monitor is None or trainer.global_step == self._last_step:
+            return  # accumulating gradients: no optimizer step since the last call
+        self._last_step = trainer.global_step
+        self.monitor.step(trainer.global_step, loss=_loss_of(outputs))
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None:
             self.monitor.close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+    def on_exception(self, trainer: Any, pl_module: Any,
                      exception: BaseException) -> None:
         if self.monitor is not None:
             self.monitor.close("stopped")

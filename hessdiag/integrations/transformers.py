@@ -26,10 +26,17 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import transformers
 from torch import Tensor
 
 from hessdiag.monitor import SharpnessMonitor
+
+try:
+    import transformers
+
+    _Callback: Any = transformers.TrainerCallback
+except ImportError:  # the module imports; the callback says what is missing
+    transformers = None
+    _Callback = object
 
 __all__ = ["SharpnessCallback", "logits_of", "measurement_batches", "model_loss"]
 
@@ -118,7 +125,7 @@ def _find_trainer() -> Any:
     return None
 
 
-class SharpnessCallback(transformers.TrainerCallback):
+class SharpnessCallback(_Callback):
     """Measure sharpness every ``every`` optimizer steps of ``Trainer.train``.
 
     ``measure_batch``: a fixed batch of model inputs with their ``labels`` (a dict, as the
@@ -138,6 +145,9 @@ class SharpnessCallback(transformers.TrainerCallback):
     def __init__(self, measure_batch: Any, *, loss: Any = "model", every: int = 100,
                  labels_key: str = "labels", store: Any = None, run: str | None = None,
                  **monitor_kwargs: Any) -> None:
+        if transformers is None:
+            raise ImportError("SharpnessCallback needs Hugging Face transformers: pip "
+                              "install 'hessdiag[transformers]'")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer of at least 1; got {every!r}")
         self.batches, self.loss_fn = measurement_batches(measure_batch, loss, labels_key)
