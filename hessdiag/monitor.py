@@ -2,8 +2,9 @@
 
 Every ``every`` steps the monitor measures, on a fixed measurement set and at the weights
 of that moment, the top Hessian eigenvalue ``lambda_max`` of the training loss with its
-residual norm and converged flag (Lanczos in eval mode, warm-started from the previous
-eigenvector), and beside it what the optimizer makes of it:
+residual norm and converged flag (Lanczos in eval mode, from the seeded random start, or
+with ``warm_start=True`` from the previous eigenvector), and beside it what the optimizer
+makes of it:
 
 * ``torch.optim.SGD`` (plain, heavy-ball or Nesterov momentum; SAM and Eigen-SAM around
   one): ``threshold`` (``2/lr``, ``2(1+beta)/lr``, ``2(1+beta)/((1+2 beta) lr)``,
@@ -24,8 +25,12 @@ eigenvector), and beside it what the optimizer makes of it:
 Measuring changes nothing: weights, gradients, the modules' train/eval flags, buffers
 (BatchNorm running statistics) and every random state are as before (Hessian-vector
 products run on the weights through ``torch.func`` in eval mode; the probes draw from
-their own seeded generators). What it costs: a few Hessian-vector products per
-measurement once warm (see ``docs/benchmarks.md``).
+their own seeded generators). What it costs: about 6 to 20 Hessian-vector products on
+the measurement set per measurement (see ``docs/benchmarks.md``). A random start costs
+no more than a warm one at intervals of ~100 steps: the top eigenvector moves between
+measurements, so the warm start saves few iterations, and an explicit start vector is
+followed by a check for eigenvalues its Krylov space missed (measured on the digits MLP
+and CNN at every=100: 5-9 products from a random start, 12-25 warm-started).
 
 Each measurement is a row: it is returned, kept in :attr:`SharpnessMonitor.history`,
 written to TensorBoard (``hessdiag/lambda_max``, ``hessdiag/stability_ratio``,
@@ -196,6 +201,8 @@ class SharpnessMonitor:
     weights it was computed at, after the first backward and before ``first_step`` as
     :class:`AlignmentProbe` does.
 
+    ``warm_start``: start Lanczos from the previous measurement's eigenvector (checked for
+    missed eigenvalues) instead of the seeded random vector; useful at short intervals.
     ``tensorboard``: a ``torch.utils.tensorboard.SummaryWriter`` or a log directory (a
     writer is opened there, and closed by :meth:`close`). ``store`` (a
     :class:`hessdiag.store.Store`) and ``run``: rows go to the run's ``sharpness`` table
@@ -213,8 +220,8 @@ class SharpnessMonitor:
                  trace: bool = False, trace_probes: int = 20, alignment: bool = False,
                  store: Any = None, run: str | None = None, tensorboard: Any = None,
                  log_fn: Callable[[dict[str, float], int], None] | None = None,
-                 seed: int = 0, tol: float = 1e-3, device: Any = None,
-                 config: Mapping[str, Any] | None = None) -> None:
+                 seed: int = 0, tol: float = 1e-3, warm_start: bool = False,
+                 device: Any = None, config: Mapping[str, Any] | None = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer of at least 1; got {every!r}")
         if trace and trace_probes < 2:
@@ -229,6 +236,7 @@ class SharpnessMonitor:
         self.trace_probes, self.alignment = int(trace_probes), bool(alignment)
         self.store, self.run, self.seed, self.tol, self.device = store, run, seed, tol, device
         self.log_fn, self.config = log_fn, dict(config or {})
+        self.warm_start = bool(warm_start)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.vector: Tensor | None = None  # the last top eigenvector: the next warm start
         self.preconditioned_vector: Tensor | None = None
@@ -282,7 +290,8 @@ class SharpnessMonitor:
         row["step"] = float(step)
         # the product mode "auto" picks at the first measurement is kept (no re-timing)
         op = _operator(self.model, self.loss_fn, self.batches, self.device, mode=self._mode)
-        top = lanczos(op, k=1, tol=self.tol, seed=self.seed, v0=self.vector)
+        top = lanczos(op, k=1, tol=self.tol, seed=self.seed,
+                      v0=self.vector if self.warm_start else None)
         self._samples, self._mode = op.n_samples, op.mode
         self.vector = top.eigenvectors[:, 0].detach()
         row.update(lambda_max=float(top.eigenvalues[0]),
@@ -371,7 +380,8 @@ class SharpnessMonitor:
         except ValueError:  # before Adam's first step: no preconditioner yet
             return {}
         pop = PreconditionedOperator(op, diagonal, info)
-        top = lanczos(pop, k=1, tol=self.tol, seed=self.seed, v0=self.preconditioned_vector)
+        top = lanczos(pop, k=1, tol=self.tol, seed=self.seed,
+                      v0=self.preconditioned_vector if self.warm_start else None)
         self.preconditioned_vector = top.eigenvectors[:, 0].detach()
         threshold = float(adam_threshold(info["lr"], info["beta1"]))
         value = float(top.eigenvalues[0])
@@ -401,6 +411,7 @@ class SharpnessMonitor:
         return {"kind": "external", "status": "running", "started": _now(),
                 "config": config, "optimizer": config["optimizer"], "seed": self.seed,
                 "monitor": {"every": self.every, "tol": self.tol, "seed": self.seed,
+                            "warm_start": self.warm_start,
                             "trace": self.trace, "trace_probes": self.trace_probes,
                             "measure_samples": self._samples}}
 
