@@ -1,21 +1,18 @@
 """What SharpnessMonitor costs a training loop (run by hand, not in CI).
 
-    python benchmarks/bench_monitor.py [--steps 1000] [--every 100] [--batch-size 64]
-        [--measure-samples 256] [--models mlp,cnn6] [--threads N]
+    python benchmarks/bench_monitor.py [--steps 2000] [--every 100,500]
+        [--batch-size 64] [--measure-samples 64,256] [--models mlp,cnn6] [--threads N]
 
 On the bundled digits (1,437 training images, 8x8, no download), SGD with momentum 0.9
-(lr 0.05) trains each model for `--steps` steps twice from the same start and data
-order, once plain and once with a monitor measuring every `--every` steps (step 0
-included) on the first `--measure-samples` training images; the two runs alternate in
-chunks of `--every` steps so that a varying load on a shared machine weighs on both
-alike. Printed per model: the plain step time, the monitor's measurements (count, mean
-time of the warm ones, i.e. all but the first, which also chooses the product mode,
-and their mean Hessian-vector products), and the overhead: (monitored - plain) / plain
-wall time, measured, and the amortised estimate warm-measurement / (every x step).
+(lr 0.05) trains each model for `--steps` steps with a monitor measuring every `every`
+steps (step 0 included) on the first `--measure-samples` training images. Inside the one
+loop, the training steps (forward, backward, optimizer step) and the monitor's calls are
+timed apart, so a varying load on a shared machine weighs on both alike; the overhead is
+monitor time / training time: the fraction of step time the monitor adds. Reported with
+and without the first measurement (which also times the product modes once per run).
 """
 
 import argparse
-import copy
 import time
 
 import torch
@@ -26,10 +23,10 @@ from hessdiag.models import build_model
 from hessdiag.monitor import SharpnessMonitor
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--steps", type=int, default=1000)
-parser.add_argument("--every", type=int, default=100)
+parser.add_argument("--steps", type=int, default=2000)
+parser.add_argument("--every", default="100,500")
 parser.add_argument("--batch-size", type=int, default=64)
-parser.add_argument("--measure-samples", type=int, default=256)
+parser.add_argument("--measure-samples", default="64,256")
 parser.add_argument("--models", default="mlp,cnn6")
 parser.add_argument("--threads", type=int, default=None)
 args = parser.parse_args()
@@ -37,58 +34,49 @@ if args.threads:
     torch.set_num_threads(args.threads)
 
 x, y = load_digits("train").tensors
-measure = (x[:args.measure_samples], y[:args.measure_samples])
 loss_fn = nn.CrossEntropyLoss()
 KWARGS = {"mlp": {"hidden": 128}, "cnn6": {"width": 16, "hidden": 64}}
 
 
-def run(model_name: str) -> None:
+def run(model_name: str, every: int, samples: int) -> None:
     torch.manual_seed(0)
-    start = build_model(model_name, num_classes=10, in_shape=[1, 8, 8],
+    model = build_model(model_name, num_classes=10, in_shape=[1, 8, 8],
                         **KWARGS.get(model_name, {}))
-    n_params = sum(p.numel() for p in start.parameters())
-    models = {"plain": copy.deepcopy(start), "monitored": copy.deepcopy(start)}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-            for k, m in models.items()}
-    monitor = SharpnessMonitor(models["monitored"], loss_fn, measure,
-                               optimizer=opts["monitored"], every=args.every)
-    seconds = {"plain": 0.0, "monitored": 0.0}
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor = SharpnessMonitor(model, loss_fn, (x[:samples], y[:samples]), optimizer=opt,
+                               every=every)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-
-    def steps(kind: str, first: int, last: int) -> None:
-        model, opt = models[kind], opts[kind]
-        begin = time.perf_counter()
-        for step in range(first, last):
-            if kind == "monitored":
-                monitor.step(step)
-            i = (step * args.batch_size) % (len(y) - args.batch_size)
-            idx = order[i:i + args.batch_size]
-            model.train()
-            opt.zero_grad()
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
-        if kind == "monitored" and last == args.steps:
-            monitor.step(last)
-        seconds[kind] += time.perf_counter() - begin
-
-    for first in range(0, args.steps, args.every):
-        last = min(first + args.every, args.steps)
-        for kind in ("plain", "monitored"):
-            steps(kind, first, last)
+    train_s = monitor_s = 0.0
+    for step in range(args.steps + 1):
+        t0 = time.perf_counter()
+        monitor.step(step)
+        t1 = time.perf_counter()
+        monitor_s += t1 - t0
+        if step == args.steps:
+            break
+        i = (step * args.batch_size) % (len(y) - args.batch_size)
+        idx = order[i:i + args.batch_size]
+        model.train()
+        opt.zero_grad()
+        loss_fn(model(x[idx]), y[idx]).backward()
+        opt.step()
+        train_s += time.perf_counter() - t1
     rows = monitor.history
-    warm = rows[1:] or rows
-    warm_s = sum(r["seconds"] for r in warm) / len(warm)
-    hvps = sum(r["hvps"] for r in warm) / len(warm)
-    step_s = seconds["plain"] / args.steps
-    measured = (seconds["monitored"] - seconds["plain"]) / seconds["plain"]
-    print(f"{model_name} ({n_params:,} parameters, batch {args.batch_size}, measurement set "
-          f"{args.measure_samples}): plain step {1e3 * step_s:.2f} ms; "
-          f"{len(rows)} measurements, first {1e3 * rows[0]['seconds']:.0f} ms, warm mean "
-          f"{1e3 * warm_s:.0f} ms ({hvps:.1f} HVPs, all converged: "
-          f"{all(r['lambda_max_converged'] == 1 for r in rows)}); overhead at every="
-          f"{args.every}: measured {100 * measured:.1f}%, amortised warm "
-          f"{100 * warm_s / (args.every * step_s):.1f}%", flush=True)
+    first = rows[0]["seconds"]
+    hvps = sum(r["hvps"] for r in rows[1:]) / max(len(rows) - 1, 1)
+    warm = sum(r["seconds"] for r in rows[1:]) / max(len(rows) - 1, 1)
+    step_s = train_s / args.steps
+    print(f"{model_name:5s} {n_params:,} params, batch {args.batch_size}, measure "
+          f"{samples:3d}, every {every:3d}: step {1e3 * step_s:.2f} ms; {len(rows)} "
+          f"measurements, first {1e3 * first:.0f} ms, then {1e3 * warm:.0f} ms each "
+          f"({hvps:.1f} HVPs, = {warm / step_s:.0f} steps; converged: "
+          f"{all(r['lambda_max_converged'] == 1 for r in rows)}); overhead "
+          f"{100 * monitor_s / train_s:.1f}% of step time, "
+          f"{100 * (monitor_s - first) / train_s:.1f}% without the first", flush=True)
 
 
 for name in args.models.split(","):
-    run(name.strip())
+    for samples in (int(s) for s in args.measure_samples.split(",")):
+        for every in (int(e) for e in args.every.split(",")):
+            run(name.strip(), every, samples)

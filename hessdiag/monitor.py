@@ -56,8 +56,8 @@ from torch import Tensor, nn
 
 from hessdiag.curvature import HessianOperator, hutchinson, lanczos
 
-__all__ = ["AlignmentProbe", "SharpnessMonitor", "TENSORBOARD_TAGS", "alignment_row",
-           "optimizer_settings", "top_eigenpair", "unwrap_optimizer"]
+__all__ = ["DEFAULT_EVERY", "TENSORBOARD_TAGS", "AlignmentProbe", "SharpnessMonitor",
+           "alignment_row", "optimizer_settings", "top_eigenpair", "unwrap_optimizer"]
 
 #: The columns of a monitor's ``sharpness`` row and the TensorBoard tag each is logged
 #: under (``step`` is the TensorBoard step).
@@ -84,6 +84,12 @@ COLUMNS = ("step", "lambda_max", "lambda_max_residual", "lambda_max_converged", 
            "alignment", "alignment_signed", "lr", "threshold", "stability",
            "preconditioned_lambda_max", "preconditioned_residual",
            "preconditioned_converged", "trace", "trace_stderr", "trace_probes", "seconds")
+
+#: the default interval of the monitor and the callbacks: a measurement costs about as
+#: much as 12 to 20 training steps when the measurement set is one training batch (the
+#: digits MLP and CNN, one CPU thread; ``benchmarks/bench_monitor.py``), so every 500
+#: steps adds a few percent to training time
+DEFAULT_EVERY = 500
 
 _METRICS = ("step", "epoch", "loss", "acc", "lr", "test_loss", "test_acc")
 
@@ -216,7 +222,7 @@ class SharpnessMonitor:
     table = "sharpness"
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
-                 measure_batches: Any, *, optimizer: Any = None, every: int = 100,
+                 measure_batches: Any, *, optimizer: Any = None, every: int = DEFAULT_EVERY,
                  trace: bool = False, trace_probes: int = 20, alignment: bool = False,
                  store: Any = None, run: str | None = None, tensorboard: Any = None,
                  log_fn: Callable[[dict[str, float], int], None] | None = None,

@@ -11,7 +11,7 @@ into a hessdiag store when one is given. Needs ``lightning`` (``pip install
 
     from hessdiag.integrations.lightning import SharpnessCallback
 
-    cb = SharpnessCallback((x_fixed, y_fixed), nn.CrossEntropyLoss(), every=100)
+    cb = SharpnessCallback((x_fixed, y_fixed), nn.CrossEntropyLoss(), every=500)
     lightning.pytorch.Trainer(callbacks=[cb]).fit(module, loader)
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hessdiag.monitor import SharpnessMonitor
+from hessdiag.monitor import DEFAULT_EVERY, SharpnessMonitor
 
 try:
     import lightning.pytorch as pl
@@ -50,7 +50,7 @@ class SharpnessCallback(_Callback):
     """
 
     def __init__(self, measure_batches: Any, loss_fn: Callable[[Any, Any], Tensor], *,
-                 every: int = 100, model: Any = None, store: Any = None,
+                 every: int = DEFAULT_EVERY, model: Any = None, store: Any = None,
                  run: str | None = None, **monitor_kwargs: Any) -> None:
         if pl is None:
             raise ImportError("SharpnessCallback needs PyTorch Lightning: pip install "

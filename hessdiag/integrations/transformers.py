@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hessdiag.monitor import SharpnessMonitor
+from hessdiag.monitor import DEFAULT_EVERY, SharpnessMonitor
 
 try:
     import transformers
@@ -142,7 +142,8 @@ class SharpnessCallback(_Callback):
     ``state.log_history`` only.
     """
 
-    def __init__(self, measure_batch: Any, *, loss: Any = "model", every: int = 100,
+    def __init__(self, measure_batch: Any, *, loss: Any = "model",
+                 every: int = DEFAULT_EVERY,
                  labels_key: str = "labels", store: Any = None, run: str | None = None,
                  **monitor_kwargs: Any) -> None:
         if transformers is None:
