@@ -25,8 +25,8 @@ makes of it:
 Measuring changes nothing: weights, gradients, the modules' train/eval flags, buffers
 (BatchNorm running statistics) and every random state are as before (Hessian-vector
 products run on the weights through ``torch.func`` in eval mode; the probes draw from
-their own seeded generators). What it costs: about 6 to 20 Hessian-vector products on
-the measurement set per measurement (see ``docs/benchmarks.md``). A random start costs
+their own seeded generators). What it costs: about 4 to 8 Hessian-vector products on
+the measurement set per measurement (``docs/benchmarks.md``). A random start costs
 no more than a warm one at intervals of ~100 steps: the top eigenvector moves between
 measurements, so the warm start saves few iterations, and an explicit start vector is
 followed by a check for eigenvalues its Krylov space missed (measured on the digits MLP
@@ -244,7 +244,7 @@ class SharpnessMonitor:
         self.log_fn, self.config = log_fn, dict(config or {})
         self.warm_start = bool(warm_start)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.vector: Tensor | None = None  # the last top eigenvector: the next warm start
+        self.vector: Tensor | None = None  # the last top eigenvector (alignment, warm start)
         self.preconditioned_vector: Tensor | None = None
         self.history: list[dict[str, float]] = []
         self._writer, self._own_writer = None, False
