@@ -300,7 +300,8 @@ def test_lightning_callback_logs_lambda_max_that_spectrum_reproduces(tmp_path):
     row = rows[2]
     bound = row["lambda_max_residual"] + spectrum["residuals"][0]
     assert abs(spectrum["eigenvalues"][0] - row["lambda_max"]) <= bound + 1e-6
-    assert abs(spectrum["eigenvalues"][0] - row["lambda_max"]) <= 1e-3 * row["lambda_max"]
+    # the same seeded start vector and tolerance: the same Lanczos run, up to rounding
+    assert abs(spectrum["eigenvalues"][0] - row["lambda_max"]) <= 1e-6 * row["lambda_max"]
 
 
 # --------------------------------------------------------------------------- transformers
@@ -401,7 +402,8 @@ def test_transformers_callback_logs_lambda_max_that_spectrum_reproduces(tmp_path
     row = rows[1]
     bound = row["lambda_max_residual"] + spectrum["residuals"][0]
     assert abs(spectrum["eigenvalues"][0] - row["lambda_max"]) <= bound + 1e-6
-    assert abs(spectrum["eigenvalues"][0] - row["lambda_max"]) <= 1e-3 * row["lambda_max"]
+    # the same seeded start vector and tolerance: the same Lanczos run, up to rounding
+    assert abs(spectrum["eigenvalues"][0] - row["lambda_max"]) <= 1e-6 * row["lambda_max"]
     assert spectrum["step"] == 2 and spectrum["converged"] == [True]
 
 
