@@ -230,3 +230,26 @@ def test_hugging_face_models_as_they_are(hf, name, data, loss_terms):
     assert got["eigenvalues"][0] == pytest.approx(truth[0], rel=1e-7)
     terms = int((targets != -100).sum())
     assert got["samples"] == len(ds) and got["loss_terms"] == (loss_terms or terms)
+
+
+def test_the_hugging_face_example_of_the_tasks_page_runs_as_written(hf, tmp_path,
+                                                                    monkeypatch):
+    page = (HERE.parent / "docs" / "tasks.md").read_text()
+    section = page[page.index("A Hugging Face model is used as it is"):]
+    code = section[section.index("```python\n# hf.py\n") + 10:]
+    (tmp_path / "hf.py").write_text(code[:code.index("```")])
+    commands = section[section.index("```\npython -c") + 4:]
+    commands = commands[:commands.index("```")].strip().splitlines()
+    assert commands[0].startswith('python -c "') and commands[1].startswith("hessdiag ")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    exec(commands[0][len('python -c "'):-1], {})  # noqa: S102 - the page's own command
+    sys.modules.pop("hf", None)
+    code, out, err = run_cli(commands[1].split()[1:])
+    assert code == 0, err
+    assert "16 samples" in out and (tmp_path / "hf.h5").exists()
+    code, shown, err = run_cli(["show", tmp_path / "hf.h5", "--json"])
+    assert code == 0, err
+    (analysis,) = json.loads(shown)["analyses"]
+    assert analysis["n_eigenvalues"] == 2 and analysis["all_converged"]
+    assert analysis["lambda_max"] > 0 and analysis["model"] == "hf.py:model"
