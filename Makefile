@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+# --no-compile: Python compiles only the modules it imports, on first import (installing
+# byte-compiles every file of torch, triton and transformers: about a minute of CPU)
+PIP    := $(BIN)/pip install --no-compile --disable-pip-version-check -q -c constraints.txt
 # test processes (pytest-xdist); each test runs its torch on one thread
 JOBS   ?= 2
 
@@ -15,9 +17,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[plot]'
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# one resolve for everything the tests need (it includes what demo needs)
+$(VENV)/.installed-test: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[plot,test]'
-	touch $@
+	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
 	rm -rf demo-output && mkdir -p demo-output

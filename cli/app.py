@@ -84,6 +84,10 @@ DATA_OPTION = typer.Option(None, "--data", help="Data: a name from `hessdiag dat
 LOSS_OPTION = typer.Option(None, "--loss", help="cross-entropy, nll, bce, mse, "
                            "package.module:factory or file.py:factory (default: the "
                            "checkpoint's, else the data's, else cross-entropy).")
+MODEL_OUTPUT_OPTION = typer.Option(None, "--model-output", metavar="KEY", help="Which of the "
+                                   "model's outputs the loss takes: a key of a dict or "
+                                   "ModelOutput, or a tuple index (default: logits, else the "
+                                   "first tensor; train records it in its checkpoints).")
 DATA_ROOT_OPTION = typer.Option(None, "--data-root", help="Folder holding the data set's "
                                 "files.")
 STORE_OPTION = typer.Option(Path("hessdiag.h5"), "--store", help="HDF5 store to append to.")
@@ -143,7 +147,8 @@ LIMITS_PANEL = "Baseline and limits"
 FOLLOW_PANEL = "Watching a directory (--follow)"
 
 _PANEL_OPTIONS = {
-    DATA_PANEL: ("--model", "--data", "--loss", "--model-kwargs", "--data-root", "--download",
+    DATA_PANEL: ("--model", "--data", "--loss", "--model-output", "--model-kwargs",
+                 "--data-root", "--download",
                  "--split", "--samples", "--batch-size"),
     COMPUTE_PANEL: ("--top-k", "--lambda-min", "--trace", "--trace-method", "--trace-hvps",
                     "--density", "--slq-probes", "--slq-steps", "--params", "--per-layer",
@@ -446,6 +451,7 @@ def spectrum(
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
+    model_output: str | None = MODEL_OUTPUT_OPTION,
     data_root: Path | None = DATA_ROOT_OPTION,
     download: bool = typer.Option(DATA.download, "--download", help="Download the data set "
                                   "into --data-root if it is missing."),
@@ -549,6 +555,7 @@ def spectrum(
     # every input is checked before anything is computed or written
     for path in checkpoints:
         check_settings(load_task(str(path), data=data_settings, model_spec=model, loss=loss,
+                                     output=model_output,
                                  unsafe=unsafe_load, allow_nonfinite=allow_nonfinite),
                        settings)
     for n, path in enumerate(checkpoints):
@@ -556,6 +563,7 @@ def spectrum(
             not quiet and not as_json, path.name,
             lambda progress, path=path: analyse_checkpoint(
                 str(path), settings=settings, data=data_settings, model_spec=model, loss=loss,
+                output=model_output,
                 unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, store=target,
                 progress=progress),
         )
@@ -609,6 +617,7 @@ def sharpness(
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
+    model_output: str | None = MODEL_OUTPUT_OPTION,
     data_root: Path | None = DATA_ROOT_OPTION,
     split: str = typer.Option(DATA.split, "--split", help=_choices(SPLITS) + "."),
     samples: int | None = SAMPLES_OPTION,
@@ -641,13 +650,14 @@ def sharpness(
     target = Store(store)
     target.check_writable()
     for path in checkpoints:
-        load_task(str(path), data=data_settings, model_spec=model, loss=loss,
+        load_task(str(path), data=data_settings, model_spec=model, loss=loss, output=model_output,
                   unsafe=unsafe_load, allow_nonfinite=allow_nonfinite)
     for path in checkpoints:
         result, task, analysis_id = sharpness_of_checkpoint(
             str(path), measure, rho=rho, tol=tol, max_steps=max_steps, method=method,
             data=data_settings, model_spec=model,
-            loss=loss, unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, dtype=dtype,
+            loss=loss,
+            output=model_output, unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, dtype=dtype,
             device=device, store=target)
         if result.reason:
             render.stderr.print(f"[yellow]warning:[/yellow] {path}: {result.measure} "
@@ -703,6 +713,7 @@ def landscape(
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
+    model_output: str | None = MODEL_OUTPUT_OPTION,
     data_root: Path | None = DATA_ROOT_OPTION,
     split: str = typer.Option(DATA.split, "--split", help=_choices(SPLITS) + "."),
     samples: int | None = SAMPLES_OPTION,
@@ -748,13 +759,14 @@ def landscape(
         check_path(plot)
     target = Store(store)
     target.check_writable()
-    load_task(str(checkpoint), data=data_settings, model_spec=model, loss=loss,
+    load_task(str(checkpoint), data=data_settings, model_spec=model, loss=loss, output=model_output,
               unsafe=unsafe_load, allow_nonfinite=allow_nonfinite)  # checked before the grid
 
     def job(progress: Any) -> Any:
         return landscape_of_checkpoint(
             str(checkpoint), settings=settings, data=data_settings, model_spec=model,
-            loss=loss, unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, store=target,
+            loss=loss,
+            output=model_output, unsafe=unsafe_load, allow_nonfinite=allow_nonfinite, store=target,
             resume=resume, progress=progress)
 
     result, task, analysis_id = with_points_progress(not quiet and not as_json,
@@ -782,6 +794,7 @@ def train(
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
+    model_output: str | None = MODEL_OUTPUT_OPTION,
     model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON object of the "
                                             "model's keyword arguments, e.g. "
                                             "'{\"hidden\": 64}'."),
@@ -865,7 +878,8 @@ def train(
         if model is None or data is None:
             raise InputError("train needs --model and --data (or --resume RUN)")
         cfg = TrainConfig(
-            model=model, data=data, loss=loss, model_kwargs=_json_kwargs(model_kwargs),
+            model=model, data=data, loss=loss,
+            output=model_output, model_kwargs=_json_kwargs(model_kwargs),
             data_root=None if data_root is None else str(data_root),
             download=download, samples=samples, optimizer=optimizer, base=base, lr=lr,
             momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, epochs=epochs,
@@ -941,6 +955,7 @@ def align(
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
+    model_output: str | None = MODEL_OUTPUT_OPTION,
     data_root: Path | None = DATA_ROOT_OPTION,
     seed: int = typer.Option(ALIGN.seed, "--seed", help="Seed of the minibatch draw and "
                              "Lanczos."),
@@ -998,7 +1013,8 @@ def align(
         done = with_progress(not quiet and not as_json, path.name,
                              lambda progress: align_checkpoint(
                                  str(path), settings=settings, data=data_settings,
-                                 model_spec=model, loss=loss, unsafe=unsafe_load,
+                                 model_spec=model, loss=loss,
+                                 output=model_output, unsafe=unsafe_load,
                                  allow_nonfinite=allow_nonfinite, store=target_store,
                                  progress=progress))
         if as_json:
@@ -1069,6 +1085,7 @@ def baseline(
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
+    model_output: str | None = MODEL_OUTPUT_OPTION,
     data_root: Path | None = DATA_ROOT_OPTION,
     samples: int | None = SAMPLES_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
@@ -1107,7 +1124,7 @@ def baseline(
     made = with_progress(not quiet and not as_json, checkpoint.name, lambda progress:
                          make_baseline(str(checkpoint), metrics=tuple(metric or DEFAULT_METRICS),
                                        settings=settings, data=data_settings, model_spec=model,
-                                       loss=loss, unsafe=unsafe_load,
+                                       loss=loss, output=model_output, unsafe=unsafe_load,
                                        allow_nonfinite=allow_nonfinite, progress=progress))
     from hessdiag.distributed import is_main
 
@@ -1150,6 +1167,7 @@ def check(
     model: str | None = MODEL_OPTION,
     data: str | None = DATA_OPTION,
     loss: str | None = LOSS_OPTION,
+    model_output: str | None = MODEL_OUTPUT_OPTION,
     unsafe_load: bool = UNSAFE_OPTION,
     allow_nonfinite: bool = NONFINITE_OPTION,
     as_json: bool = JSON_OPTION,
@@ -1180,7 +1198,7 @@ def check(
                                      metrics=tuple(metric) if metric else None,
                                      max_lambda=max_lambda, max_trace=max_trace,
                                      max_ratio=max_ratio, data=data_settings,
-                                     model_spec=model, loss=loss, seed=seed,
+                                     model_spec=model, loss=loss, output=model_output, seed=seed,
                                      max_hvps=max_hvps, max_drop=max_drop,
                                      unsafe=unsafe_load, allow_nonfinite=allow_nonfinite,
                                      store=target, progress=progress))

@@ -232,7 +232,7 @@ def optimizer_eigenvector(task: Any) -> Tensor | None:
 
 
 def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str | None = None,
-                         loss: str | None = None, unsafe: bool = False,
+                         loss: str | None = None, output: str | None = None, unsafe: bool = False,
                          allow_nonfinite: bool = False,
                          progress: Callable[[int, int], None] | None = None
                          ) -> tuple[AlignmentResult, Any]:
@@ -247,7 +247,7 @@ def checkpoint_alignment(path: str, *, settings: Any, data: Any, model_spec: str
     from hessdiag.task import load_data, load_task
 
     task = load_task(path, data=replace(data, samples=settings.samples), model_spec=model_spec,
-                     loss=loss, unsafe=unsafe,
+                     loss=loss, output=output, unsafe=unsafe,
                      allow_nonfinite=allow_nonfinite)
     config = task.extra.get("config") or {}
     alpha = settings.alpha if settings.alpha is not None else float(config.get("alpha", 0.2))
@@ -293,7 +293,7 @@ class CheckpointAlignment:
 
 def align_checkpoint(path: str, *, settings: AlignSettings | None = None,
                      data: DataSettings | None = None, model_spec: str | None = None,
-                     loss: str | None = None, unsafe: bool = False,
+                     loss: str | None = None, output: str | None = None, unsafe: bool = False,
                      allow_nonfinite: bool = False, store: Any = None,
                      progress: Callable[[int, int], None] | None = None
                      ) -> CheckpointAlignment:
@@ -302,7 +302,7 @@ def align_checkpoint(path: str, *, settings: AlignSettings | None = None,
     ``settings.samples`` samples, the minibatches come from the whole split."""
     result, task = checkpoint_alignment(path, settings=settings or AlignSettings(),
                                         data=data or DataSettings(), model_spec=model_spec,
-                                        loss=loss, unsafe=unsafe,
+                                        loss=loss, output=output, unsafe=unsafe,
                                         allow_nonfinite=allow_nonfinite, progress=progress)
     analysis_id = None
     if store is not None and is_main():  # across processes, rank 0 writes

@@ -452,7 +452,8 @@ def _measure(task: Task, checkpoint: str, metrics: tuple[str, ...], settings: Sp
     if "alignment" in metrics:
         alignment, _ = checkpoint_alignment(checkpoint, settings=align or AlignSettings(),
                                             data=data, model_spec=model_spec, loss=loss,
-                                            unsafe=unsafe, progress=progress)
+                                            output=task.loss.output, unsafe=unsafe,
+                                            progress=progress)
     sharpness = {}
     for metric, measure in SHARPNESS_METRICS.items():
         if metric in metrics:
@@ -470,7 +471,7 @@ def _measure(task: Task, checkpoint: str, metrics: tuple[str, ...], settings: Sp
 def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS,
                   settings: SpectrumSettings | None = None, data: DataSettings | None = None,
                   align: AlignSettings | None = None, model_spec: str | None = None,
-                  loss: str | None = None, unsafe: bool = False,
+                  loss: str | None = None, output: str | None = None, unsafe: bool = False,
                   allow_nonfinite: bool = False, progress: Any = None) -> Baseline:
     """Measure ``metrics`` of a checkpoint and record how (see the module docstring);
     ``align`` sets how the ``alignment`` metric is measured (default
@@ -481,8 +482,8 @@ def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     settings = _settings_for(metrics, settings or SpectrumSettings(max_hvps=CHECK_MAX_HVPS))
     data = data or DataSettings()
     align = (align or AlignSettings()) if "alignment" in metrics else None
-    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe,
-                     allow_nonfinite=allow_nonfinite)
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, output=output,
+                     unsafe=unsafe, allow_nonfinite=allow_nonfinite)
     result, values = _measure(task, checkpoint, metrics, settings, data, align, model_spec,
                               loss, unsafe, progress, baseline=True)
     origin = provenance(task)
@@ -498,8 +499,11 @@ def make_baseline(checkpoint: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
 
 def _task_key(task: Task) -> dict[str, Any]:
     """What must be equal for two measurements to compare."""
-    return {"model": task.model_spec, "data": task.data.name, "split": task.data.split,
-            "loss": task.loss.spec, "samples": task.data.samples}
+    key = {"model": task.model_spec, "data": task.data.name, "split": task.data.split,
+           "loss": task.loss.spec, "samples": task.data.samples}
+    if task.loss.output is not None:
+        key["output"] = task.loss.output
+    return key
 
 
 def write_baseline(baseline: Baseline, path: str | Path) -> Path:
@@ -639,7 +643,8 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
           max_lambda: float | None = None, max_trace: float | None = None,
           max_ratio: float | None = None, settings: SpectrumSettings | None = None,
           data: DataSettings | None = None, model_spec: str | None = None,
-          loss: str | None = None, seed: int | None = None, max_hvps: int | None = None,
+          loss: str | None = None, output: str | None = None, seed: int | None = None,
+          max_hvps: int | None = None,
           max_drop: float | None = None, unsafe: bool = False, allow_nonfinite: bool = False,
           store: Store | None = None, progress: Any = None) -> CheckResult:
     """Measure ``checkpoint`` with the baseline's settings (or ``settings`` without a
@@ -675,6 +680,7 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
             recorded(baseline.data.spec, what="data spec", source=f"baseline "
                      f"{baseline.source.split(':', 1)[-1]}", option="data", trusted=unsafe)
         settings, data = baseline.settings, baseline.data
+        output = output if output is not None else baseline.task.get("output")
     else:
         wanted = ()
         settings = settings or SpectrumSettings(max_hvps=CHECK_MAX_HVPS)
@@ -686,8 +692,8 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
     if max_hvps is not None:
         settings = replace(settings, max_hvps=max_hvps)
     settings = _settings_for(wanted_all, settings)
-    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe,
-                     allow_nonfinite=allow_nonfinite)
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, output=output,
+                     unsafe=unsafe, allow_nonfinite=allow_nonfinite)
     if baseline is not None:
         _same_task(baseline, task, checkpoint)
     align = None
@@ -713,7 +719,7 @@ def check(checkpoint: str, *, baseline: Baseline | None = None,
 
 def _same_task(baseline: Baseline, task: Task, checkpoint: str) -> None:
     now = _task_key(task)
-    for key in ("model", "data", "split", "loss", "samples"):
+    for key in ("model", "data", "split", "loss", "samples", "output"):
         if baseline.task.get(key) != now.get(key):
             raise InputError(f"the baseline was measured with {key} {baseline.task.get(key)!r}, "
                              f"checkpoint {checkpoint} with {now.get(key)!r}: the settings "

@@ -278,7 +278,8 @@ def _key(task: Any, settings: LandscapeSettings, data: DataSettings) -> str:
 
 def landscape_of_checkpoint(checkpoint: str, *, settings: LandscapeSettings | None = None,
                             data: DataSettings | None = None, model_spec: str | None = None,
-                            loss: str | None = None, unsafe: bool = False,
+                            loss: str | None = None, output: str | None = None,
+                            unsafe: bool = False,
                             allow_nonfinite: bool = False, store: Any = None,
                             resume: bool = False, progress: Progress = None
                             ) -> tuple[LandscapeResult, Any, str | None]:
@@ -293,8 +294,8 @@ def landscape_of_checkpoint(checkpoint: str, *, settings: LandscapeSettings | No
 
     settings = settings or LandscapeSettings()
     data = data or DataSettings()
-    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe,
-                     allow_nonfinite=allow_nonfinite)
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, output=output,
+                     unsafe=unsafe, allow_nonfinite=allow_nonfinite)
     resolve_device(settings.device)
     group = collective()
     main = group is None or group.rank == 0

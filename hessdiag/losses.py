@@ -32,12 +32,13 @@ Accuracy is reported only where it means something: ``cross-entropy`` and ``nll`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
 
 from hessdiag._errors import InputError
+from hessdiag.outputs import select_output, validate_key
 from hessdiag.specs import call_factory, is_factory_spec, load_factory
 
 IGNORE_INDEX = -100
@@ -53,6 +54,11 @@ class Loss:
     the built-in loss it is exactly (``cross-entropy``, ``nll``, ``bce``, ``mse``), which the
     Gauss-Newton and Fisher operators need for their closed forms and sampled targets, and is
     ``None`` for anything else (label smoothing, factories).
+
+    A built-in loss takes one tensor of the model's outputs, chosen by
+    :func:`hessdiag.outputs.select_output` (``logits`` of a ``ModelOutput`` or dict, else
+    its first tensor; ``output`` names another key or a tuple index). A factory's loss
+    (``raw``) receives the outputs as they are unless ``output`` is given.
     """
 
     spec: str
@@ -61,9 +67,21 @@ class Loss:
     classification: bool
     accuracy_fn: Callable[[Any, Any], tuple[int, int]] | None = None
     likelihood: str | None = None
+    output: str | None = None
+    raw: bool = False
 
     def __call__(self, outputs: Any, targets: Any) -> Tensor:
-        return self.fn(outputs, targets)
+        return self.fn(self.outputs(outputs), targets)
+
+    def outputs(self, outputs: Any) -> Any:
+        """The part of the model's ``outputs`` this loss takes (see the class docstring)."""
+        if isinstance(outputs, Tensor) or (self.raw and self.output is None):
+            return outputs
+        return select_output(outputs, self.output)
+
+    def selecting(self, output: str | None) -> Loss:
+        """This loss taking the model's output ``output`` (a key or a tuple index)."""
+        return replace(self, output=validate_key(output))
 
     @property
     def reduction(self) -> str:
@@ -82,7 +100,9 @@ class Loss:
 
     def accuracy_counts(self, outputs: Any, targets: Any) -> tuple[int, int] | None:
         """``(correct, counted)`` for classification losses; ``None`` otherwise."""
-        return None if self.accuracy_fn is None else self.accuracy_fn(outputs, targets)
+        if self.accuracy_fn is None:
+            return None
+        return self.accuracy_fn(self.outputs(outputs).detach(), targets)
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -215,7 +235,7 @@ def _from_factory(spec: str) -> Loss:
         raise InputError(f"loss spec {spec!r}: the factory returned a {type(fn).__name__}, not "
                          "a callable loss_fn(outputs, targets)", param="loss")
     count = getattr(fn, "count", None)
-    return Loss(spec, fn, count if callable(count) else _samples, False, None)
+    return Loss(spec, fn, count if callable(count) else _samples, False, None, raw=True)
 
 
 def check_loss_output(loss: Loss, value: Any) -> Tensor:

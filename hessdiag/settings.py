@@ -213,6 +213,7 @@ class TrainConfig:
     model: str
     data: str
     loss: str | None = None
+    output: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None
     download: bool = False

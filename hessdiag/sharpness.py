@@ -467,7 +467,8 @@ def measure_sharpness(model: nn.Module, loss_fn: Any, batches: Any, measure: str
 def sharpness_of_checkpoint(checkpoint: str, measure: str, *, rho: float = 0.05,
                             tol: float = ASCENT_TOL, max_steps: int = ASCENT_MAX_STEPS,
                             method: str = "krylov", data: Any = None, model_spec: str | None = None,
-                            loss: str | None = None, unsafe: bool = False,
+                            loss: str | None = None, output: str | None = None,
+                            unsafe: bool = False,
                             allow_nonfinite: bool = False,
                             dtype: str = "float32", device: str = "auto",
                             store: Any = None) -> tuple[SharpnessResult, Any, str | None]:
@@ -482,8 +483,8 @@ def sharpness_of_checkpoint(checkpoint: str, measure: str, *, rho: float = 0.05,
         raise InputError(f"unknown sharpness measure {measure!r}; choose one of "
                          f"{', '.join(SHARPNESS_MEASURES)}", param="measure")
     data = data or DataSettings()
-    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe,
-                     allow_nonfinite=allow_nonfinite)
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, output=output,
+                     unsafe=unsafe, allow_nonfinite=allow_nonfinite)
     target = resolve_device(device)
     task.model.to(target)
     result = measure_sharpness(task.model, task.loss, task.batches(data.batch_size), measure,

@@ -74,7 +74,12 @@ def is_factory_spec(spec: str) -> bool:
 
 
 def load_factory(spec: str, what: str = "factory") -> Callable[..., Any]:
-    """The callable named by ``spec``; ``ValueError`` with a clear message otherwise."""
+    """The callable named by ``spec``; ``ValueError`` with a clear message otherwise.
+
+    A ``path/to/file.py`` is imported with its folder importable, as ``python file.py``
+    would run it: the folder goes first on ``sys.path`` (and stays there, for imports the
+    factory makes when called), so the file can import the modules beside it. Only a spec
+    that passed :func:`recorded` (named by the user, or trusted) ever gets here."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr.isidentifier():
         raise ValueError(f"{what} spec {spec!r} must look like package.module:factory or "
@@ -84,6 +89,9 @@ def load_factory(spec: str, what: str = "factory") -> Callable[..., Any]:
         if not path.is_file():
             raise ValueError(f"{what} spec {spec!r}: file {path} does not exist")
         name = f"hessdiag_user_{abs(hash(str(path.resolve())))}"
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         module_spec = importlib.util.spec_from_file_location(name, path)
         if module_spec is None or module_spec.loader is None:
             raise ValueError(f"{what} spec {spec!r}: cannot import {path}")

@@ -81,7 +81,7 @@ def analyse_checkpoint(
     settings: SpectrumSettings | None = None,
     data: DataSettings | None = None,
     model_spec: str | None = None,
-    loss: str | None = None,
+    loss: str | None = None, output: str | None = None,
     unsafe: bool = False, allow_nonfinite: bool = False,
     store: Any = None,
     progress: Progress = None,
@@ -94,8 +94,8 @@ def analyse_checkpoint(
     store (``analysis_id`` is ``None`` elsewhere)."""
     settings = settings or SpectrumSettings()
     data = data or DataSettings()
-    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, unsafe=unsafe,
-                     allow_nonfinite=allow_nonfinite)
+    task = load_task(checkpoint, data=data, model_spec=model_spec, loss=loss, output=output,
+                     unsafe=unsafe, allow_nonfinite=allow_nonfinite)
     check_settings(task, settings)
     group = collective()
     result = compute_spectrum(task.model, task.loss,

@@ -28,6 +28,7 @@ from hessdiag.data import DataInfo, batch_of, fixed_batches, load_dataset
 from hessdiag.data.batching import to_device
 from hessdiag.losses import Loss, check_loss_output, resolve_loss
 from hessdiag.models import build_model
+from hessdiag.outputs import describe_outputs, select_output
 from hessdiag.settings import DataSettings
 
 
@@ -83,6 +84,8 @@ class Task:
                     raise InputError(f"model {self.model_spec} cannot take the inputs of data "
                                      f"{self.data.name}: {type(exc).__name__}: "
                                      f"{first_line(exc)}", param="model") from exc
+                if self.loss.output is not None:
+                    select_output(outputs, self.loss.output)  # a wrong key: its own message
                 try:
                     value = self.loss(outputs, targets)
                 except InputError:
@@ -100,8 +103,11 @@ class Task:
 
     def record(self) -> dict[str, Any]:
         """The task as results, checkpoints and the store record it (JSON-ready)."""
-        return {"model": self.model_spec, "model_kwargs": _jsonable(self.model_kwargs),
-                "data": self.data.record(), "loss": self.loss.spec}
+        out = {"model": self.model_spec, "model_kwargs": _jsonable(self.model_kwargs),
+               "data": self.data.record(), "loss": self.loss.spec}
+        if self.loss.output is not None:
+            out["output"] = self.loss.output
+        return out
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -114,7 +120,7 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 def _shape(obj: Any) -> str:
-    return f"shape {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else type(obj).__name__
+    return f"shape {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else describe_outputs(obj)
 
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +149,7 @@ def load_data(data: DataSettings, recorded: dict[str, Any] | None = None,
 
 def load_task(checkpoint: str, *, data: DataSettings | None = None,
               model_spec: str | None = None, model_kwargs: dict[str, Any] | None = None,
-              loss: str | None = None, unsafe: bool = False,
+              loss: str | None = None, output: str | None = None, unsafe: bool = False,
               allow_nonfinite: bool = False, check: bool = True) -> Task:
     """The task of a checkpoint: its model with its weights, its data (or ``data.spec``)
     and its loss (or ``loss``; else the data's default loss, else cross-entropy). Checks
@@ -152,7 +158,8 @@ def load_task(checkpoint: str, *, data: DataSettings | None = None,
     The checkpoint is data, never code: a model, data or loss *factory* spec it records
     is imported only when the same part is named here (``model_spec``, ``data.spec``,
     ``loss``) or with ``unsafe``, which also lets a pickle run (see :mod:`hessdiag.specs`).
-    Weights that are not finite are refused unless ``allow_nonfinite``."""
+    Weights that are not finite are refused unless ``allow_nonfinite``. ``output`` (else
+    the checkpoint's) chooses the model output the loss takes (:mod:`hessdiag.outputs`)."""
     from hessdiag.specs import recorded
 
     data = data or DataSettings()
@@ -163,6 +170,9 @@ def load_task(checkpoint: str, *, data: DataSettings | None = None,
     loss = loss or recorded(opened.info.loss, what="loss spec", source=where, option="loss",
                             trusted=unsafe)
     resolved = resolve_loss(loss, default=info.loss or "cross-entropy")
+    output = output if output is not None else opened.info.output
+    if output is not None:
+        resolved = resolved.selecting(output)
     model = opened.build_model(info.facts)
     kwargs = {**_facts_record(info), **opened.info.model_kwargs}
     task = Task(model=model, data=info, loss=resolved, model_spec=opened.info.model_spec,
@@ -174,14 +184,18 @@ def load_task(checkpoint: str, *, data: DataSettings | None = None,
 
 
 def new_task(model_spec: str, data: DataInfo, *, loss: str | Loss | None = None,
-             model_kwargs: dict[str, Any] | None = None, check: bool = True) -> Task:
+             output: str | None = None, model_kwargs: dict[str, Any] | None = None,
+             check: bool = True) -> Task:
     """A randomly initialised model for ``data`` (built from the data's facts and
-    ``model_kwargs``) with ``loss`` (default: the data's, else cross-entropy)."""
+    ``model_kwargs``) with ``loss`` (default: the data's, else cross-entropy) taken of the
+    model's output ``output`` (:mod:`hessdiag.outputs`)."""
     kwargs = {**_facts_record(data), **(model_kwargs or {})}
     model = build_model(model_spec, **kwargs)
-    task = Task(model=model, data=data, loss=resolve_loss(loss, default=data.loss or
-                                                          "cross-entropy"),
-                model_spec=model_spec, model_kwargs=kwargs)
+    resolved = resolve_loss(loss, default=data.loss or "cross-entropy")
+    if output is not None:
+        resolved = resolved.selecting(output)
+    task = Task(model=model, data=data, loss=resolved, model_spec=model_spec,
+                model_kwargs=kwargs)
     if check:
         task.check()
     return task

@@ -363,7 +363,7 @@ def _task(cfg: TrainConfig, resume: bool, unsafe: bool = False) -> Task:
             return load_task(cfg.init_from, data=DataSettings(
                 spec=cfg.data, root=cfg.data_root, download=cfg.download,
                 samples=cfg.samples), model_spec=cfg.model, model_kwargs=cfg.model_kwargs,
-                loss=cfg.loss, unsafe=unsafe)
+                loss=cfg.loss, output=cfg.output, unsafe=unsafe)
         except InputError as exc:
             if "whole pickled model" not in str(exc):
                 raise
@@ -374,7 +374,8 @@ def _task(cfg: TrainConfig, resume: bool, unsafe: bool = False) -> Task:
                              param="init_from") from exc
     data = load_dataset(cfg.data, split="train", root=cfg.data_root, download=cfg.download,
                         samples=cfg.samples)
-    return new_task(cfg.model, data, loss=cfg.loss, model_kwargs=cfg.model_kwargs)
+    return new_task(cfg.model, data, loss=cfg.loss, output=cfg.output,
+                    model_kwargs=cfg.model_kwargs)
 
 
 def _checkpoint_failed(exc: OSError, path: Path, step: int, run_id: str,
@@ -458,7 +459,8 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
     if cfg.label_smoothing and loss_eval.spec != "cross-entropy":
         raise InputError(f"label_smoothing applies to cross-entropy; this run's loss is "
                          f"{loss_eval.spec}", param="label_smoothing")
-    loss_fn = cross_entropy(cfg.label_smoothing) if cfg.label_smoothing else loss_eval
+    loss_fn = (cross_entropy(cfg.label_smoothing).selecting(loss_eval.output)
+               if cfg.label_smoothing else loss_eval)
     first_inputs = task.first_batch()[0]
     is_image = isinstance(first_inputs, Tensor) and first_inputs.dim() == 4
     if cfg.augment and not is_image:
@@ -503,7 +505,8 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
         if procs is not None:
             last = procs.broadcast(last)
         loaded = load_task(last, data=DataSettings(spec=cfg.data, root=cfg.data_root),
-                           model_spec=cfg.model, loss=cfg.loss, unsafe=unsafe, check=False)
+                           model_spec=cfg.model, loss=cfg.loss, output=cfg.output,
+                           unsafe=unsafe, check=False)
         model.load_state_dict(loaded.model.state_dict())
         optimizer.load_state_dict(loaded.optimizer_state)
         extra = loaded.extra
@@ -577,7 +580,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             optimizer_state=name_optimizer_state(optimizer.state_dict(), optimizer,
                                                  named_params),
             step=step, epoch=step // steps_per_epoch,
-            run_id=run_id, data=data_record, loss=loss_eval.spec,
+            run_id=run_id, data=data_record, loss=loss_eval.spec, output=loss_eval.output,
             extra={"aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
                    "sharpness_vector": (None if sharpness.vector is None
                                         else sharpness.vector.cpu()),
@@ -626,7 +629,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
             finite = bool(torch.isfinite(loss))
         else:  # the whole minibatch's loss and accuracy, the same on every process
             count = float(loss_fn.count(y))
-            acc = loss_eval.accuracy_counts(out.detach(), y) or (0, 0)
+            acc = loss_eval.accuracy_counts(out, y) or (0, 0)
             loss_sum, total, correct, counted = procs.counts(
                 float(loss.detach()) * count if count else 0.0, count, *acc)
             shared_loss = loss_sum / total if total else math.nan
@@ -663,7 +666,7 @@ def train(cfg: TrainConfig | None, *, store: Store, resume: str | None = None,
                 last_alignment = last_sharp["alignment"]
         if procs is None:
             last_loss = float(loss.detach())
-            acc = loss_eval.accuracy_counts(out.detach(), y)
+            acc = loss_eval.accuracy_counts(out, y)
             last_acc = acc[0] / acc[1] if acc is not None and acc[1] else math.nan
         else:
             last_loss, last_acc = shared_loss, shared_acc

@@ -48,6 +48,7 @@ class CheckpointInfo:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] | None = None
     loss: str | None = None
+    output: str | None = None
     step: int | None = None
     epoch: int | None = None
     run_id: str | None = None
@@ -82,13 +83,15 @@ def save_checkpoint(
     run_id: str | None = None,
     data: dict[str, Any] | None = None,
     loss: str | None = None,
+    output: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
     """Write a checkpoint in hessdiag's format, atomically; returns its sha256.
 
     The task is recorded with it (the model spec with every keyword argument it was built
-    with, the data spec and the loss spec), so that the checkpoint alone says what to
-    measure it on."""
+    with, the data spec and the loss spec, and which of the model's outputs the loss takes
+    when it is not the default, see :mod:`hessdiag.outputs`), so that the checkpoint alone
+    says what to measure it on."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -101,6 +104,7 @@ def save_checkpoint(
         "run_id": run_id,
         "data": data,
         "loss": loss,
+        **({"output": output} if output is not None else {}),
         "extra": dict(extra or {}),
     }
     path = Path(path)
@@ -252,7 +256,8 @@ def open_checkpoint(
         info = CheckpointInfo(
             path=path_s, sha256=sha, format="hessdiag", model_spec=spec, model_kwargs=kwargs,
             data=_mapping(payload.get("data"), "data", path),
-            loss=_string(payload.get("loss"), "loss", path), step=payload.get("step"),
+            loss=_string(payload.get("loss"), "loss", path),
+            output=_string(payload.get("output"), "output", path), step=payload.get("step"),
             epoch=payload.get("epoch"), run_id=payload.get("run_id"),
             hessdiag_version=payload.get("hessdiag_version"),
         )

@@ -68,6 +68,7 @@ from hessdiag.curvature.operator import (
     ParamSelector,
     _lacks_forward_ad,
 )
+from hessdiag.outputs import select_output
 
 GGN_MODES = ("auto", "jvp", "double-vjp")
 LIKELIHOODS = ("cross-entropy", "nll", "bce", "mse")
@@ -147,11 +148,11 @@ class _OutputCurvature(HessianOperator):
                     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
                                             category=FutureWarning)
                     duals = {n: fwAD.make_dual(p, v[n]) for n, p in leaves.items()}
-                    outputs = _tensor_outputs(self._outputs(duals, inputs))
+                    outputs = _tensor_outputs(self._outputs(duals, inputs), self.loss_fn)
                     outputs, jv = fwAD.unpack_dual(outputs)
                 jv = torch.zeros_like(outputs) if jv is None else jv
             else:
-                outputs = _tensor_outputs(self._outputs(leaves, inputs))
+                outputs = _tensor_outputs(self._outputs(leaves, inputs), self.loss_fn)
                 u = torch.zeros_like(outputs, requires_grad=True)
                 jtu = torch.autograd.grad(outputs, list(leaves.values()), grad_outputs=u,
                                           create_graph=True, allow_unused=True)
@@ -466,11 +467,13 @@ def _likelihood_value(kind: str | None, f: Tensor, targets: Tensor, dim: int) ->
     return fn(x, targets.to(f.device), ignore_index=IGNORE_INDEX)
 
 
-def _tensor_outputs(outputs: Any) -> Tensor:
-    if not isinstance(outputs, Tensor):
-        raise ValueError("the Gauss-Newton and Fisher matrices need a model that returns one "
-                         f"tensor of outputs; it returned a {type(outputs).__name__}")
-    return outputs
+def _tensor_outputs(outputs: Any, loss_fn: Any) -> Tensor:
+    """The tensor of the model's outputs the matrices are of: the loss's own choice for a
+    hessdiag :class:`~hessdiag.losses.Loss` with ``output`` set, else the rule of
+    :func:`hessdiag.outputs.select_output` (``logits``, else the first tensor)."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    return select_output(outputs, getattr(loss_fn, "output", None))
 
 
 def _name(loss_fn: Any) -> str:

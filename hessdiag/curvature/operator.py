@@ -525,7 +525,7 @@ class HessianOperator:
                                  ) -> Sequence[Tensor | None]:
         leaves, loss = self._leaf_loss(inputs, targets)
         with torch.enable_grad():
-            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            grads = _gradient_graph(loss, leaves)
             return torch.autograd.grad(grads, leaves, grad_outputs=stacked, allow_unused=True,
                                        is_grads_batched=True)
 
@@ -638,7 +638,7 @@ class HessianOperator:
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
         with torch.enable_grad():
             loss = self._loss(leaves, inputs, targets)
-            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+            grads = _gradient_graph(loss, list(leaves.values()))
             hv = torch.autograd.grad(
                 grads, list(leaves.values()), grad_outputs=[v[n] for n in leaves],
                 allow_unused=True,
@@ -663,7 +663,7 @@ class HessianOperator:
             saved = _SavedBytes() if budget is not None and i == 0 else contextlib.nullcontext()
             with torch.enable_grad(), self._modes(), saved:
                 leaves, loss = self._leaf_loss(inputs, targets)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+                grads = _gradient_graph(loss, leaves)
             self._retained.append((leaves, list(grads), n, loss.detach()))
             if budget is not None and i == 0:
                 per_sample = (saved.bytes + sum(g.numel() * g.element_size() for g in grads)) \
@@ -1065,3 +1065,12 @@ def default_memory_budget(device: torch.device) -> int:
     except OSError:
         pass
     return 4 << 30
+
+
+def _gradient_graph(loss: Tensor, leaves: Sequence[Tensor]) -> list[Tensor]:
+    """The gradient of ``loss`` with its graph, for a second derivative. A parameter the
+    loss does not use (a head the outputs leave out, a pooler) gets a zero gradient that is
+    still a function of it (``leaf * 0``), so its rows of the Hessian are zero instead of an
+    error of autograd's."""
+    grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    return [g if g is not None else leaf * 0 for g, leaf in zip(grads, leaves, strict=True)]

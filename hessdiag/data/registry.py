@@ -354,8 +354,8 @@ def _is_batch_list(obj: Any) -> bool:
 def _unpack_factory(spec: str, made: Any) -> tuple[Dataset | None, Callable | None,
                                                    list | None]:
     """``(dataset, collate_fn, batches)`` from what a data factory returned."""
-    if (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], Dataset)
-            and callable(made[1])):
+    if (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], Dataset | list)
+            and callable(made[1])):  # the dataset of a pair may be a plain list of samples
         dataset, collate = made
     elif isinstance(made, Dataset) and hasattr(made, "__len__"):
         dataset, collate = made, None

@@ -249,7 +249,10 @@ class EigenSAM(SAM):
         # (the official code's H^k v0 / ||H^k v0|| when sigma = 0)
         auto = self.eig_shift == "auto"
         sigma = (self._shift or 0.0) if auto else float(self.eig_shift)
-        vector, theta, residual = power_steps(op, v0, self.eig_iters, shift=sigma)
+        # in full precision inside a user's autocast region: the products are of the
+        # float32 (or float64) model, not of its bfloat16 rounding
+        with torch.autocast(params[0].device.type, enabled=False):
+            vector, theta, residual = power_steps(op, v0, self.eig_iters, shift=sigma)
         if auto and theta < sigma:
             # the iterate fell towards the bottom of the spectrum: a negative eigenvalue
             # dominates H - sigma I. Shift to it for the next refreshes (H - theta I then
