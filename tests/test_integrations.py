@@ -407,6 +407,39 @@ def test_transformers_callback_logs_lambda_max_that_spectrum_reproduces(tmp_path
     assert spectrum["step"] == 2 and spectrum["converged"] == [True]
 
 
+def test_transformers_loss_modes_are_the_models_loss_and_a_hessdiag_loss_on_logits(
+        tmp_path, monkeypatch):
+    """loss="model" is what GPT-2 computes (its shift, -100 ignored); "cross-entropy" is
+    hessdiag's on the logits against unshifted labels, weighted by its terms."""
+    transformers = pytest.importorskip("transformers")
+    from hessdiag.integrations.transformers import measurement_batches
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+        eos_token_id=0)).eval()
+    ids = torch.randint(0, 50, (3, 6))
+    labels = ids.clone()
+    labels[2, 4:] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    (pair,), model_loss = measurement_batches(batch, "model")
+    (plain,), ce = measurement_batches(batch, "cross-entropy")
+    assert "labels" in pair[0] and "labels" not in plain[0]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        shifted = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50),
+                                              labels[:, 1:].reshape(-1), ignore_index=-100)
+        aligned = nn.functional.cross_entropy(logits.reshape(-1, 50), labels.reshape(-1),
+                                              ignore_index=-100)
+        assert float(model_loss(model(**pair[0]), pair[1])) == pytest.approx(float(shifted),
+                                                                              rel=1e-6)
+        assert float(ce(model(**plain[0]), plain[1])) == pytest.approx(float(aligned),
+                                                                       rel=1e-6)
+    assert ce.batch_weight(plain[0], plain[1]) == 16  # 18 tokens, 2 of them padding
+    with pytest.raises(ValueError, match="labels"):
+        measurement_batches({"input_ids": ids}, "model")
+
+
 # --------------------------------------------------------------------------- the pages
 
 PAGES = {"tensorboard.md": ("tensorboard",), "lightning.md": ("lightning", "tensorboard"),

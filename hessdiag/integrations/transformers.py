@@ -12,10 +12,12 @@ The loss whose Hessian is measured (``loss=``):
 ``"model"`` (default)  the model's own loss, ``outputs.loss``, computed from the
                        ``labels`` inside the inputs: exactly what the Trainer optimises
                        (GPT-2's shift of the labels by one token included)
-a hessdiag loss name   e.g. ``"cross-entropy"``, on the outputs' ``logits`` against the
-                       ``labels`` taken out of the inputs (no shift: give labels aligned
-                       with the logits)
-a callable             ``loss(outputs, labels)``, with the labels taken out of the inputs
+a hessdiag loss name   e.g. ``"cross-entropy"``, on the outputs' ``logits`` (the rule of
+                       :func:`hessdiag.outputs.select_output`) against the ``labels``
+                       taken out of the inputs (no shift: give labels aligned with the
+                       logits); batches weighted by their loss terms (labels not -100)
+a callable             ``loss(outputs, labels)`` on the outputs as they are, with the
+                       labels taken out of the inputs
 
 Needs ``transformers`` (``pip install 'hessdiag[transformers]'``).
 """
@@ -38,7 +40,7 @@ except ImportError:  # the module imports; the callback says what is missing
     transformers = None
     _Callback = object
 
-__all__ = ["SharpnessCallback", "logits_of", "measurement_batches", "model_loss"]
+__all__ = ["SharpnessCallback", "measurement_batches", "model_loss"]
 
 
 def model_loss(outputs: Any, targets: Any = None) -> Tensor:
@@ -52,37 +54,6 @@ def model_loss(outputs: Any, targets: Any = None) -> Tensor:
         raise ValueError("the model returned no loss: with loss='model' the measurement "
                          "inputs must hold the labels (e.g. batch['labels'])")
     return loss
-
-
-def logits_of(outputs: Any) -> Tensor:
-    """``logits`` when the outputs have them (``ModelOutput``, dict), else the first
-    tensor."""
-    if isinstance(outputs, Tensor):
-        return outputs
-    logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(
-        outputs, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    values = outputs.values() if isinstance(outputs, Mapping) else outputs
-    for value in values:
-        if isinstance(value, Tensor):
-            return value
-    raise ValueError(f"no tensor in the model's outputs ({type(outputs).__name__})")
-
-
-class _OnLogits:
-    """A hessdiag loss applied to the outputs' logits."""
-
-    def __init__(self, loss: Any) -> None:
-        self.loss = loss
-        self.spec = getattr(loss, "spec", getattr(loss, "__name__", type(loss).__name__))
-
-    def __call__(self, outputs: Any, targets: Any) -> Tensor:
-        return self.loss(logits_of(outputs), targets)
-
-    def batch_weight(self, inputs: Any, targets: Any) -> int:
-        weight = getattr(self.loss, "batch_weight", None)
-        return int(weight(inputs, targets)) if weight else int(len(targets))
 
 
 def measurement_batches(batches: Any, loss: Any = "model", labels_key: str = "labels"
@@ -106,11 +77,14 @@ def measurement_batches(batches: Any, loss: Any = "model", labels_key: str = "la
             pairs.append((inputs, batch[labels_key]))
     if loss == "model":
         return pairs, model_loss
-    if isinstance(loss, str):
+    if isinstance(loss, str):  # a built-in loss takes the outputs' logits itself
         from hessdiag.losses import resolve_loss
 
-        loss = resolve_loss(loss)
-    return pairs, _OnLogits(loss)
+        return pairs, resolve_loss(loss)
+    if not callable(loss):
+        raise ValueError(f"loss must be 'model', a hessdiag loss name or a callable "
+                         f"loss(outputs, labels); got {loss!r}")
+    return pairs, loss
 
 
 def _find_trainer() -> Any:
