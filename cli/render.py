@@ -224,8 +224,9 @@ def runs_table(rows: list[dict[str, Any]], title: str) -> Table:
         opt = r["optimizer"] or "-"
         if opt in ("sam", "eigensam"):
             opt += f" ρ={r['rho']}" + (f" α={r['alpha']}" if opt == "eigensam" else "")
-        table.add_row(r["run_id"], str(r["status"]), f"{r['model']}/{r['data']}", opt,
-                      f"{r['steps']}/{r['total_steps']}", fmt(r["loss"]), fmt(r["test_acc"]),
+        total = "" if r["total_steps"] is None else f"/{r['total_steps']}"  # known ahead?
+        table.add_row(r["run_id"], str(r["status"]), f"{r['model'] or '-'}/{r['data'] or '-'}",
+                      opt, f"{r['steps']}{total}", fmt(r["loss"]), fmt(r["test_acc"]),
                       fmt(r["lambda_max"]), fmt(r.get("stability_peak"), 3),
                       fmt(r["alignment"], 3))
     return table
