@@ -2,6 +2,11 @@
 
     python benchmarks/bench_monitor.py [--steps 2000] [--every 100,500]
         [--batch-size 64] [--measure-samples 64,256] [--models mlp,cnn6] [--threads N]
+        [--data digits|cifar-shaped]
+
+``--data cifar-shaped`` (for ``--models resnet18``): 512 random 3x32x32 images with random
+labels of 10 classes, generated with a fixed seed (no download; the cost of a step and
+of a measurement depends on the shapes, not on the pixels).
 
 On the bundled digits (1,437 training images, 8x8, no download), SGD with momentum 0.9
 (lr 0.05) trains each model for `--steps` steps with a monitor measuring every `every`
@@ -29,18 +34,23 @@ parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--measure-samples", default="64,256")
 parser.add_argument("--models", default="mlp,cnn6")
 parser.add_argument("--threads", type=int, default=None)
+parser.add_argument("--data", default="digits", choices=["digits", "cifar-shaped"])
 args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
 
-x, y = load_digits("train").tensors
+if args.data == "digits":
+    x, y = load_digits("train").tensors
+else:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 3, 32, 32, generator=g), torch.randint(0, 10, (512,), generator=g)
 loss_fn = nn.CrossEntropyLoss()
 KWARGS = {"mlp": {"hidden": 128}, "cnn6": {"width": 16, "hidden": 64}}
 
 
 def run(model_name: str, every: int, samples: int) -> None:
     torch.manual_seed(0)
-    model = build_model(model_name, num_classes=10, in_shape=[1, 8, 8],
+    model = build_model(model_name, num_classes=10, in_shape=list(x.shape[1:]),
                         **KWARGS.get(model_name, {}))
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
