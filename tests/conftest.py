@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -46,9 +47,58 @@ def trained_digits_mlp(directory: Path, kw: dict, steps: int, samples: int):
     return path, model
 
 
+_DENSE_CACHE: dict[str, torch.Tensor] = {}
+
+
+def _dense_key(model: nn.Module, loss_fn, batches, names) -> str | None:
+    """A digest of everything the dense Hessian depends on (the model's class, structure,
+    parameters and buffers, the loss, the batches, the parameter names), or ``None`` when
+    the loss is not a plain torch loss module (a function could close over anything)."""
+    if not (isinstance(loss_fn, nn.Module) and type(loss_fn).__module__ == "torch.nn.modules.loss"):
+        return None
+    h = hashlib.sha256()
+
+    def add(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj):
+                h.update(repr(k).encode())
+                add(obj[k])
+        elif isinstance(obj, list | tuple):
+            h.update(f"{type(obj).__name__}{len(obj)}".encode())
+            for o in obj:
+                add(o)
+        else:
+            h.update(repr(obj).encode())
+
+    for m in model.modules():
+        h.update(f"{type(m).__module__}.{type(m).__qualname__}".encode())
+    h.update(repr(model).encode())
+    add(dict(model.state_dict(keep_vars=False)))
+    add({n: p.requires_grad for n, p in model.named_parameters()})
+    h.update(f"{type(loss_fn).__qualname__}{sorted(vars(loss_fn).items(), key=str)!r}".encode())
+    add(list(batches))
+    add(None if names is None else list(names))
+    return h.hexdigest()
+
+
 def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
     """The Hessian of the sample-weighted mean loss over ``batches``, in float64, of a
-    function of the flat parameter vector (eval mode)."""
+    function of the flat parameter vector (eval mode). Memoised per process (a copy is
+    returned): several tests of the zoo take the same model's Hessian as their truth."""
+    key = _dense_key(model, loss_fn, batches, names)
+    if key is not None and key in _DENSE_CACHE:
+        return _DENSE_CACHE[key].clone()
+    H = _dense_hessian(model, loss_fn, batches, names)
+    if key is not None:
+        _DENSE_CACHE[key] = H.clone()
+    return H
+
+
+def _dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
     model = copy.deepcopy(model).double().eval()
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     names = list(params) if names is None else list(names)
