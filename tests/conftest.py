@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -14,6 +16,68 @@ from torch import nn
 # the tests use tiny problems: one thread avoids thread start-up and spin-wait costs that
 # dominate (and vary wildly on a loaded machine) at these sizes
 torch.set_num_threads(1)
+
+
+# Tests that take many seconds, roughly slowest first (measured under pytest-xdist on a
+# shared 2-core machine). They are collected first so that the two workers start on them
+# together and the short tests fill in around them; a long test left to the end of the run
+# would keep one worker busy while the other idles.
+SLOW_FIRST = (
+    "tests/test_gpu_check.py::test_gpu_check_tiny_on_cpu",
+    "tests/test_experiments.py::test_sam_families_quick",
+    "tests/test_tutorial.py::test_tutorial_runs_as_written",
+    "tests/test_spectrum_resources.py::test_compiled_products_equal_eager_ones",
+    "tests/test_distributed.py::",
+    "tests/test_train.py::test_resume_after_sigkill",
+    "tests/test_class_axis.py::test_square_outputs_mc_fisher",
+    "tests/test_store_scaling.py::test_a_sweep_of_three_training_runs",
+    "tests/test_store.py::test_sigkill_at_random_moments",
+    "tests/test_experiments.py::",
+    "tests/test_operator_zoo.py::test_trace_and_slq_moments_match_dense[resnet",
+    "tests/test_align.py::test_follow_measures_each_checkpoint",
+    "tests/test_spectrum_resources.py::test_a_large_retained_graph",
+    "tests/test_store_scaling.py::",
+    "tests/test_plot.py::test_report_fits_a_1280_pixel_window_in_headless_chromium",
+    "tests/test_plot.py::test_report_renders_in_headless_chromium",
+    "tests/test_help.py::",
+    "tests/test_train.py::test_logged_sharpness_pairs",
+)
+
+
+# Modules whose tests share an expensive module-scoped fixture (a two-process torchrun
+# launch, training runs): pytest-xdist sends each of them whole to one worker, which builds
+# the fixture once (with the default `load` scheduling both workers would build it).
+SHARED_FIXTURE_MODULES = ("tests/test_distributed.py", "tests/test_plot.py",
+                          "tests/test_train_resume.py")
+
+if importlib.util.find_spec("xdist") is not None:
+    def pytest_xdist_make_scheduler(config, log):
+        """``-n N`` (``--dist load``): load scheduling in collection order (see
+        :data:`SLOW_FIRST`), with each module of :data:`SHARED_FIXTURE_MODULES` one unit.
+        (``--dist loadgroup`` would do this with ``xdist_group`` marks, but pytest-xdist 3.8
+        cannot rename the tests of pytest 9, so the marks are ignored.)"""
+        if config.getvalue("dist") != "load":
+            return None  # another --dist: pytest-xdist's own scheduler
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0]
+                return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+        config.option.loadscopereorder = False  # keep the collection order: long tests first
+        return Scheduling(config, log)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Long tests first, in the order of :data:`SLOW_FIRST` (then the rest as collected)."""
+
+    def rank(item) -> int:
+        node = item.nodeid
+        return next((i for i, prefix in enumerate(SLOW_FIRST) if node.startswith(prefix)),
+                    len(SLOW_FIRST))
+
+    items[:] = sorted(items, key=rank)  # stable: the rest keep their collected order
 
 
 def run_cli(args, env=None):
@@ -46,9 +110,59 @@ def trained_digits_mlp(directory: Path, kw: dict, steps: int, samples: int):
     return path, model
 
 
+_DENSE_CACHE: dict[str, torch.Tensor] = {}
+
+
+def _dense_key(model: nn.Module, loss_fn, batches, names) -> str | None:
+    """A digest of everything the dense Hessian depends on (the model's class, structure,
+    parameters and buffers, the loss, the batches, the parameter names), or ``None`` when
+    the loss is not a plain torch loss module (a function could close over anything)."""
+    if not (isinstance(loss_fn, nn.Module)
+            and type(loss_fn).__module__ == "torch.nn.modules.loss"):
+        return None
+    h = hashlib.sha256()
+
+    def add(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj):
+                h.update(repr(k).encode())
+                add(obj[k])
+        elif isinstance(obj, list | tuple):
+            h.update(f"{type(obj).__name__}{len(obj)}".encode())
+            for o in obj:
+                add(o)
+        else:
+            h.update(repr(obj).encode())
+
+    for m in model.modules():
+        h.update(f"{type(m).__module__}.{type(m).__qualname__}".encode())
+    h.update(repr(model).encode())
+    add(dict(model.state_dict(keep_vars=False)))
+    add({n: p.requires_grad for n, p in model.named_parameters()})
+    h.update(f"{type(loss_fn).__qualname__}{sorted(vars(loss_fn).items(), key=str)!r}".encode())
+    add(list(batches))
+    add(None if names is None else list(names))
+    return h.hexdigest()
+
+
 def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
     """The Hessian of the sample-weighted mean loss over ``batches``, in float64, of a
-    function of the flat parameter vector (eval mode)."""
+    function of the flat parameter vector (eval mode). Memoised per process (a copy is
+    returned): several tests of the zoo take the same model's Hessian as their truth."""
+    key = _dense_key(model, loss_fn, batches, names)
+    if key is not None and key in _DENSE_CACHE:
+        return _DENSE_CACHE[key].clone()
+    H = _dense_hessian(model, loss_fn, batches, names)
+    if key is not None:
+        _DENSE_CACHE[key] = H.clone()
+    return H
+
+
+def _dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
     model = copy.deepcopy(model).double().eval()
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     names = list(params) if names is None else list(names)
@@ -214,3 +328,4 @@ def read_only_path(tmp_path: Path, name: str) -> Path:
     ro.mkdir(exist_ok=True)
     ro.chmod(0o555)
     return ro / name
+

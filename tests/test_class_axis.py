@@ -130,9 +130,11 @@ def test_square_outputs_empirical_fisher_with_explicit_likelihood(kind):
 def test_square_outputs_mc_fisher_with_explicit_likelihood_averages_to_the_ggn():
     model, batches = _setup(2, sizes=(4,))
     op = FisherOperator(model, nn.CrossEntropyLoss(), batches, dtype=F64, mode="double-vjp",
-                        kind="mc", mc_samples=4000, likelihood="cross-entropy", seed=3)
+                        kind="mc", mc_samples=1000, likelihood="cross-entropy", seed=3)
     want = dense_ggn(model, batches, "cross-entropy")
     err = (_dense(op) - want).norm() / want.norm()
+    # 1,000 draws: err 0.033 at this seed (0.030-0.035 at seeds 3-5; 0.016 with 4,000
+    # draws, at a quarter of the speed), a third of the bound
     assert err < 0.1, float(err)
 
 

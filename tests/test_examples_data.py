@@ -18,6 +18,15 @@ SIZES = {"ecg": (1000, 250), "molecules": (600, 200), "text": (400, 100),
          "tabular": (800, 200)}
 
 
+def _fresh(load, *args):
+    """``load(*args)`` generated anew: the per-process caches of the generated splits
+    (``synthetic._ecg_tensors``, ``synthetic._molecule_items``) emptied first."""
+    for fn in vars(synthetic).values():
+        if callable(getattr(fn, "cache_clear", None)):
+            fn.cache_clear()
+    return load(*args)
+
+
 def _flat(sample) -> list[torch.Tensor]:
     """A sample's tensors (and ints) in a fixed order, for comparing samples."""
     if isinstance(sample, dict):
@@ -40,7 +49,7 @@ def _same(a, b) -> bool:
 def test_each_loader_builds_fast_with_sizes_and_meta(name):
     load = LOADERS[name]
     start = time.perf_counter()
-    train, default = load("train"), load()  # the default split is "train"
+    train, default = _fresh(load, "train"), _fresh(load)  # the default split is "train"
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0  # two builds of the train split, "well under a second" each
     assert _same(train[0], default[0]) and len(train) == len(default)
@@ -61,7 +70,9 @@ def test_each_loader_builds_fast_with_sizes_and_meta(name):
 @pytest.mark.parametrize("name", list(LOADERS))
 def test_loads_are_deterministic_and_the_splits_differ(name):
     load = LOADERS[name]
-    a, b, test = load("train"), load("train"), load("test")
+    a, b, test = _fresh(load, "train"), _fresh(load, "train"), _fresh(load, "test")
+    c = load("train")  # from the cache: the same samples, its own tensors
+    assert all(_same(a[i], c[i]) for i in range(len(a)))
     assert all(_same(a[i], b[i]) for i in range(len(a)))
     # the test split is a different draw: hardly any test sample also occurs in train
     # (a small molecule can recur by chance; continuous samples never do)

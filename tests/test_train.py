@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from hessdiag.cli.app import app
 from typer.testing import CliRunner
 
@@ -75,17 +76,15 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
             "--epochs", "4", "--optimizer", "eigensam", "--eig-every", "5", "--augment",
             "--checkpoint-every", "8", "--sharpness-every", "12", "--seed", "1", "--quiet"]
 
-    def cli(extra, store, wait=True):
-        cmd = [sys.executable, "-m", "hessdiag", "train", *args, *extra, "--store", str(store),
-               "--checkpoint-dir", str(tmp_path / "ckpt")]
-        if wait:
-            return subprocess.run(cmd, env=env, capture_output=True, text=True)
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    def train_args(extra, store):
+        return ["train", *args, *extra, "--store", str(store),
+                "--checkpoint-dir", str(tmp_path / "ckpt")]
 
-    done = cli(["--run-name", "whole"], tmp_path / "whole.h5")
-    assert done.returncode == 0, done.stderr
-    proc = cli(["--run-name", "killed"], tmp_path / "killed.h5", wait=False)
+    # only the killed run needs a process of its own (the SIGKILL is the point); the
+    # uninterrupted run and the resume run in this process, one torch thread as there
+    proc = subprocess.Popen([sys.executable, "-m", "hessdiag",
+                             *train_args(["--run-name", "killed"], tmp_path / "killed.h5")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "ckpt" / "killed" / "step-000016.pt"
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
@@ -100,10 +99,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     # records a prefix of the checkpoints, and --resume starts from its last one
     assert run.arrays["checkpoints/step"].tolist() in ([8], [8, 16], [8, 16, 24])
     assert not (tmp_path / "ckpt" / "killed" / "step-000032.pt").exists()
-    resumed = subprocess.run([sys.executable, "-m", "hessdiag", "train", "--resume", "killed",
-                              "--store", str(tmp_path / "killed.h5"), "--quiet"],
-                             env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    code, _, err = run_cli(train_args(["--run-name", "whole"], tmp_path / "whole.h5"))
+    assert code == 0, err
+    code, _, err = run_cli(["train", "--resume", "killed", "--store", tmp_path / "killed.h5",
+                            "--quiet"])
+    assert code == 0, err
     whole = _weights(tmp_path / "ckpt" / "whole" / "step-000032.pt")
     again = _weights(tmp_path / "ckpt" / "killed" / "step-000032.pt")
     assert _equal(whole, again)
