@@ -28,6 +28,7 @@ SLOW_FIRST = (
     "tests/test_tutorial.py::test_tutorial_runs_as_written",
     "tests/test_spectrum_resources.py::test_compiled_products_equal_eager_ones",
     "tests/test_distributed.py::",
+    "tests/test_integrations.py::",
     "tests/test_train.py::test_resume_after_sigkill",
     "tests/test_class_axis.py::test_square_outputs_mc_fisher",
     "tests/test_store_scaling.py::test_a_sweep_of_three_training_runs",
