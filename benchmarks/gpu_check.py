@@ -29,7 +29,7 @@ device (reset at the start of the measurement, so it counts the model and the ba
 the process's peak resident set size elsewhere. Optional steps (PyHessian, compile) are not
 started after ``--budget`` seconds, so that a slow GPU still finishes in time.
 
-``--tiny``: batch 4 of 16x16 images (the ResNet-18 takes any size), a 2-layer ViT of width
+``--tiny``: batch 4 of 8x8 images for the ResNet-18 (it takes any size), a 2-layer ViT of width
 32 on 16x16 images, 2 products per timing, 3 columns per block, top-5 capped at 8 products
 and PyHessian at 1 iteration per eigenvalue (so its values are not converged), and no
 compile unless ``--compile on`` (compiling a product takes minutes on a CPU).
@@ -84,7 +84,7 @@ NUM_CLASSES = 10
 def build(name: str, tiny: bool) -> tuple[nn.Module, int]:
     """The model and its input's side length."""
     if name == "resnet18":
-        return cifar_resnet18(NUM_CLASSES), 16 if tiny else 32
+        return cifar_resnet18(NUM_CLASSES), 8 if tiny else 32
     if tiny:
         return small_vit(NUM_CLASSES, image_size=16, patch_size=4, num_layers=2, num_heads=2,
                          hidden_dim=32, mlp_dim=64), 16

@@ -4,7 +4,7 @@
 # against PyHessian's, for ResNet-18 (batch 64) and a small ViT, printed as one table.
 #
 #   bash benchmarks/gpu_check.sh                       # one CUDA GPU, under 8 minutes
-#   bash benchmarks/gpu_check.sh --device cpu --tiny   # small sizes on a CPU, about a minute
+#   bash benchmarks/gpu_check.sh --device cpu --tiny   # small sizes on a CPU, under a minute
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --out gpu_check.json
 #
 # Options are those of benchmarks/gpu_check.py (--help). The Python is ${PYTHON:-python}.
