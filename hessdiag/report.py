@@ -172,6 +172,8 @@ def render_report(store: Any) -> str:
     from hessdiag import __version__
     from hessdiag.records import run_row, summary
 
+    if hasattr(store, "snapshot"):
+        store = store.snapshot()  # read once: the tables and every figure come from it
     runs = [run_row(r) for r in store.runs()]
     analyses = [summary(r) for r in store.analyses()]
     parts = [

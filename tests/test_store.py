@@ -65,6 +65,21 @@ def test_round_trip_keeps_attributes_and_arrays(tmp_path):
         store.analysis("nope")
 
 
+def test_a_snapshot_reads_the_store_once_as_it_was(tmp_path):
+    store = Store(tmp_path / "s.h5")
+    first = store.write_analysis("spectrum", {"seed": 1}, {"eigenvalues": np.array([2.0])})
+    store.create_run("r", {"kind": "train"})
+    snap = store.snapshot()
+    store.write_analysis("spectrum", {"seed": 2}, {"eigenvalues": np.array([1.0])})
+    assert [r.id for r in snap.analyses()] == [first] and len(store.analyses()) == 2
+    assert [r.id for r in snap.runs()] == ["r"] == [r.id for r in store.runs()]
+    assert snap.analysis(first).attrs == store.analysis(first).attrs
+    np.testing.assert_array_equal(snap.analysis(first).arrays["eigenvalues"], [2.0])
+    assert snap.run("r").attrs == store.run("r").attrs and snap.path == store.path
+    with pytest.raises(StoreError, match="no analysis 'nope' in store .*; known: "):
+        snap.analysis("nope")
+
+
 def test_bad_files_are_refused_and_left_unchanged(tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("not hdf5")

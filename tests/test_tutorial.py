@@ -58,7 +58,7 @@ import matplotlib.pyplot
 import hessdiag
 from hessdiag.cli.app import main
 for mod in pkgutil.walk_packages(hessdiag.__path__, "hessdiag."):
-    if ".experiments" not in mod.name:
+    if ".experiments" not in mod.name and ".integrations" not in mod.name:
         importlib.import_module(mod.name)
 torch.optim.SGD([torch.nn.Parameter(torch.empty(1))], lr=0.1)  # imports torch._dynamo
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves

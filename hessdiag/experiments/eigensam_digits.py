@@ -149,7 +149,7 @@ def run(out: str | Path, *, quick: bool = False,
                 top_k=1, device="cpu"), data=DataSettings(samples=plan.spectrum_samples),
                 store=store)
     minutes = (time.perf_counter() - start) / 60
-    draw(store, plan, out / "figures")
+    draw(store.snapshot(), plan, out / "figures")  # every figure from one reading
     page = out / f"{NAME}.md"
     page.write_text(render(store, plan, minutes))
     return page

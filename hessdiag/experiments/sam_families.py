@@ -181,7 +181,7 @@ def run(out: str | Path, *, quick: bool = False,
                 top_k=1, density=True, slq_steps=plan.density_steps, device="cpu"),
                 data=measure, store=store)
     minutes = (time.perf_counter() - start) / 60
-    draw(store, plan, out / "figures")
+    draw(store.snapshot(), plan, out / "figures")  # every figure from one reading
     page = out / f"{NAME}.md"
     page.write_text(render(store, plan, minutes))
     return page
@@ -286,6 +286,7 @@ def draw(store: Store, plan: Plan, directory: Path) -> dict[str, Path]:
 
 def render(store: Store, plan: Plan, minutes: float) -> str:
     """The page, from the store alone."""
+    store = store.snapshot()
     table = collect(store, plan)
     seeds = ", ".join(map(str, plan.seeds))
     lines = [

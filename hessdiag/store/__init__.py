@@ -779,6 +779,11 @@ class Store:
             records = [view.run(run_id) for run_id in view.run_ids()]
             return [r for r in records if r is not None]
 
+    def snapshot(self) -> Snapshot:
+        """Every run and analysis read once (each checked against its checksums), for
+        code that reads them many times: the figures and pages drawn from one store."""
+        return Snapshot(self.path, tuple(self.runs()), tuple(self.analyses()))
+
     def info(self) -> dict[str, Any]:
         with self._view() as view:
             if view is None:
@@ -789,6 +794,36 @@ class Store:
                     "created": _from_attr(f.attrs.get("created", "")),
                     "runs": len(view.run_ids()),
                     "analyses": len(f["analyses"]) + len(view.analysis_frames())}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A store's records as read at one moment (:meth:`Store.snapshot`), with the reading
+    methods of :class:`Store`; later writes to the store are not in it."""
+
+    path: Path
+    _runs: tuple[Record, ...]
+    _analyses: tuple[Record, ...]
+
+    def runs(self) -> list[Record]:
+        return list(self._runs)
+
+    def analyses(self) -> list[Record]:
+        return list(self._analyses)
+
+    def run(self, run_id: str) -> Record:
+        return self._one(self._runs, run_id, "run")
+
+    def analysis(self, analysis_id: str) -> Record:
+        return self._one(self._analyses, analysis_id, "analysis")
+
+    def _one(self, records: tuple[Record, ...], key: str, what: str) -> Record:
+        for record in records:
+            if record.id == key:
+                return record
+        known = ", ".join(r.id for r in records[:5])
+        raise StoreError(f"no {what} {key!r} in store {self.path}"
+                         + (f"; known: {known}" if known else f" (no {what}s)"), param="store")
 
 
 def _record(group: h5py.Group, kind: str) -> Record:
