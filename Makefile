@@ -2,11 +2,19 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# --no-compile: Python compiles only the modules it imports, on first import (installing
-# byte-compiles every file of torch, triton and transformers: about a minute of CPU)
-PIP    := $(BIN)/pip install --no-compile --disable-pip-version-check -q -c constraints.txt
 # test processes (pytest-xdist); each test runs its torch on one thread
 JOBS   ?= 2
+PIP    := $(BIN)/pip install --no-compile --disable-pip-version-check -q -c constraints.txt
+# pip byte-compiles one file after another (about a minute for torch, transformers and the
+# rest); compileall does it on $(JOBS) processes instead, leaving out what is never
+# imported (pip itself, the ~250 model families of transformers but those the tests use).
+# Without it every process would compile what it imports anew where
+# PYTHONDONTWRITEBYTECODE is set. Third-party files that are not Python (templates) fail
+# to compile: that is expected, hence the silence and the `|| true`.
+COMPILE = $(BIN)/python -m compileall -q -j $(JOBS) \
+	-x '/pip/|/transformers/models/(?!(auto|gpt2|bert)/)' \
+	"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" hessdiag cli \
+	>/dev/null 2>&1 || true
 
 .PHONY: demo test lint bench docs clean
 
@@ -15,11 +23,13 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[plot]'
+	$(COMPILE)
 	touch $@
 
 # one resolve for everything the tests need (it includes what demo needs)
 $(VENV)/.installed-test: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[plot,test]'
+	$(COMPILE)
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
