@@ -70,6 +70,23 @@ def select_output(outputs: Any, key: str | None = None) -> Tensor:
     return value
 
 
+def chosen_part(outputs: Any, key: str | None = None) -> str | None:
+    """Which part of ``outputs`` :func:`select_output` takes, in words (``key logits``,
+    ``item 0``); ``None`` for a tensor or when nothing would be taken."""
+    if isinstance(outputs, Tensor):
+        return None
+    if key is not None:
+        return f"key {key}" if isinstance(outputs, Mapping) else f"item {key}"
+    if isinstance(outputs, Mapping):
+        if isinstance(outputs.get("logits") if "logits" in outputs else None, Tensor):
+            return "key logits"
+        return next((f"key {k}" for k, v in outputs.items() if isinstance(v, Tensor)), None)
+    if isinstance(outputs, tuple | list):
+        return next((f"item {i}" for i, v in enumerate(outputs) if isinstance(v, Tensor)),
+                    None)
+    return None
+
+
 def describe_outputs(outputs: Any) -> str:
     """``outputs`` in a few words, naming a dict's keys (``a CausalLMOutput with keys
     logits, past_key_values``) and a tuple's length."""
@@ -93,4 +110,4 @@ def validate_key(key: str | None) -> str | None:
     return key.strip()
 
 
-__all__ = ["describe_outputs", "select_output", "validate_key"]
+__all__ = ["chosen_part", "describe_outputs", "select_output", "validate_key"]

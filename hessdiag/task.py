@@ -28,7 +28,7 @@ from hessdiag.data import DataInfo, batch_of, fixed_batches, load_dataset
 from hessdiag.data.batching import to_device
 from hessdiag.losses import Loss, check_loss_output, resolve_loss
 from hessdiag.models import build_model
-from hessdiag.outputs import describe_outputs, select_output
+from hessdiag.outputs import chosen_part, describe_outputs, select_output
 from hessdiag.settings import DataSettings
 
 
@@ -88,8 +88,13 @@ class Task:
                     select_output(outputs, self.loss.output)  # a wrong key: its own message
                 try:
                     value = self.loss(outputs, targets)
-                except InputError:
-                    raise
+                except InputError as exc:
+                    part = None if self.loss.raw else chosen_part(outputs, self.loss.output)
+                    if part is None:
+                        raise
+                    raise InputError(f"{exc} (the loss took {part} of the model's outputs, "
+                                     f"{describe_outputs(outputs)}; --model-output KEY takes "
+                                     "another)", param=exc.param) from exc
                 except Exception as exc:
                     raise InputError(f"loss {self.loss.spec} cannot take the outputs of model "
                                      f"{self.model_spec} ({_shape(outputs)}) with the targets "

@@ -253,3 +253,46 @@ def test_the_hugging_face_example_of_the_tasks_page_runs_as_written(hf, tmp_path
     (analysis,) = json.loads(shown)["analyses"]
     assert analysis["n_eigenvalues"] == 2 and analysis["all_converged"]
     assert analysis["lambda_max"] > 0 and analysis["model"] == "hf.py:model"
+
+
+MISFIT = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def data(split="train"):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return {"hidden": self.a(x).reshape(-1, 3, 2), "scores": self.b(x)}
+
+
+def model():
+    return Net()
+'''
+
+
+def test_an_output_the_loss_cannot_take_names_the_part_taken(tmp_path):
+    (tmp_path / "misfit.py").write_text(MISFIT)
+    spec = str(tmp_path / "misfit.py")
+    from hessdiag.specs import load_factory
+
+    torch.save(load_factory(f"{spec}:model")().state_dict(), tmp_path / "w.pt")
+    common = ["spectrum", tmp_path / "w.pt", "--model", f"{spec}:model", "--data",
+              f"{spec}:data", "--store", tmp_path / "s.h5", "--json"]
+    code, out, err = run_cli(common)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "do not fit loss cross-entropy" in err
+    assert ("(the loss took key hidden of the model's outputs, a dict with keys hidden, "
+            "scores; --model-output KEY takes another)") in err
+    assert not (tmp_path / "s.h5").exists()
+    code, out, err = run_cli([*common, "--model-output", "scores"])
+    assert code == 0, err
