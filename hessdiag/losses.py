@@ -210,9 +210,16 @@ _ALIASES = {"ce": "cross-entropy", "crossentropy": "cross-entropy", "cross_entro
             "cross-entropy", "l2": "mse"}
 
 
-def resolve_loss(spec: str | Loss | None, default: str = "cross-entropy") -> Loss:
+def resolve_loss(spec: str | Loss | None, default: str = "cross-entropy",
+                 output: str | None = None) -> Loss:
     """The :class:`Loss` named by ``spec`` (see the module docstring); ``None`` gives
-    ``default``. A :class:`Loss` is returned as it is."""
+    ``default``. A :class:`Loss` is returned as it is. ``output`` (a key or a tuple index)
+    chooses the model output it takes (:meth:`Loss.selecting`)."""
+    loss = _named_loss(spec, default)
+    return loss if output is None else loss.selecting(output)
+
+
+def _named_loss(spec: str | Loss | None, default: str) -> Loss:
     if isinstance(spec, Loss):
         return spec
     if spec is None:

@@ -10,9 +10,9 @@ Fisher operators take one tensor from them by one rule:
   tensor value (in the dict's order);
 * a tuple or list: its first tensor.
 
-``output=KEY`` (``--output KEY`` on the command line) chooses instead: a key of a dict, or
-the index of a tuple (``--output 1``). A loss factory of your own receives the model's
-outputs as they are, unless ``--output`` is given.
+``output=KEY`` (``--model-output KEY`` on the command line) chooses instead: a key of a
+dict, or the index of a tuple (``--model-output 1``). A loss factory of your own receives
+the model's outputs as they are, unless ``--model-output`` is given.
 
 >>> import torch
 >>> select_output({"loss": torch.tensor(1.0), "logits": torch.zeros(2, 3)}).shape
@@ -34,40 +34,49 @@ from hessdiag._errors import InputError
 def select_output(outputs: Any, key: str | None = None) -> Tensor:
     """The tensor of ``outputs`` a loss is taken of (see the module docstring)."""
     if key is None:
-        if isinstance(outputs, Tensor):
-            return outputs
-        if isinstance(outputs, Mapping):
-            value = outputs.get("logits") if "logits" in outputs else None
-            if isinstance(value, Tensor):
-                return value
-            for value in outputs.values():
-                if isinstance(value, Tensor):
-                    return value
-        elif isinstance(outputs, tuple | list):
-            for value in outputs:
-                if isinstance(value, Tensor):
-                    return value
-        raise InputError(f"the model returned {describe_outputs(outputs)}, with no tensor to "
-                         "take the loss of: return a tensor, or a dict or tuple holding one "
-                         "(see --output)", param="output")
+        found = _by_rule(outputs)
+        if found is None:
+            raise InputError(f"the model returned {describe_outputs(outputs)}, with no tensor "
+                             "to take the loss of: return a tensor, or a dict or tuple holding "
+                             "one (see --model-output)", param="output")
+        return found[1]
     if isinstance(outputs, Mapping):
         if key not in outputs:
-            raise InputError(f"--output {key}: the model returned {describe_outputs(outputs)}; "
-                             "choose one of its keys", param="output")
+            raise InputError(f"--model-output {key}: the model returned "
+                             f"{describe_outputs(outputs)}; choose one of its keys",
+                             param="output")
         value = outputs[key]
     elif isinstance(outputs, tuple | list):
         if not key.lstrip("-").isdigit() or not -len(outputs) <= int(key) < len(outputs):
-            raise InputError(f"--output {key}: the model returned {describe_outputs(outputs)}; "
-                             f"give an index from 0 to {len(outputs) - 1}", param="output")
+            raise InputError(f"--model-output {key}: the model returned "
+                             f"{describe_outputs(outputs)}; give an index from 0 to "
+                             f"{len(outputs) - 1}", param="output")
         value = outputs[int(key)]
     else:
-        raise InputError(f"--output {key}: the model returned {describe_outputs(outputs)}, "
-                         "which has no parts to choose from; leave --output out",
-                         param="output")
+        raise InputError(f"--model-output {key}: the model returned "
+                         f"{describe_outputs(outputs)}, which has no parts to choose from; "
+                         "leave --model-output out", param="output")
     if not isinstance(value, Tensor):
-        raise InputError(f"--output {key}: that part of the model's outputs is a "
+        raise InputError(f"--model-output {key}: that part of the model's outputs is a "
                          f"{type(value).__name__}, not a tensor", param="output")
     return value
+
+
+def _by_rule(outputs: Any) -> tuple[str, Tensor] | None:
+    """``(words, tensor)`` of the part the rule takes without a key (``key logits``,
+    ``item 0``; ``tensor`` for a tensor), or ``None`` when nothing is a tensor."""
+    if isinstance(outputs, Tensor):
+        return "tensor", outputs
+    if isinstance(outputs, Mapping):
+        logits = outputs.get("logits") if "logits" in outputs else None
+        if isinstance(logits, Tensor):
+            return "key logits", logits
+        return next(((f"key {k}", v) for k, v in outputs.items() if isinstance(v, Tensor)),
+                    None)
+    if isinstance(outputs, tuple | list):
+        return next(((f"item {i}", v) for i, v in enumerate(outputs)
+                     if isinstance(v, Tensor)), None)
+    return None
 
 
 def chosen_part(outputs: Any, key: str | None = None) -> str | None:
@@ -77,14 +86,8 @@ def chosen_part(outputs: Any, key: str | None = None) -> str | None:
         return None
     if key is not None:
         return f"key {key}" if isinstance(outputs, Mapping) else f"item {key}"
-    if isinstance(outputs, Mapping):
-        if isinstance(outputs.get("logits") if "logits" in outputs else None, Tensor):
-            return "key logits"
-        return next((f"key {k}" for k, v in outputs.items() if isinstance(v, Tensor)), None)
-    if isinstance(outputs, tuple | list):
-        return next((f"item {i}" for i, v in enumerate(outputs) if isinstance(v, Tensor)),
-                    None)
-    return None
+    found = _by_rule(outputs)
+    return None if found is None else found[0]
 
 
 def describe_outputs(outputs: Any) -> str:
@@ -106,7 +109,7 @@ def validate_key(key: str | None) -> str | None:
     if key is None:
         return None
     if not isinstance(key, str) or not key.strip():
-        raise InputError(f"--output must name a key or an index; got {key!r}", param="output")
+        raise InputError(f"--model-output must name a key or an index; got {key!r}", param="output")
     return key.strip()
 
 

@@ -174,10 +174,8 @@ def load_task(checkpoint: str, *, data: DataSettings | None = None,
     info = load_data(data, opened.info.data, where=where, trusted=unsafe)
     loss = loss or recorded(opened.info.loss, what="loss spec", source=where, option="loss",
                             trusted=unsafe)
-    resolved = resolve_loss(loss, default=info.loss or "cross-entropy")
-    output = output if output is not None else opened.info.output
-    if output is not None:
-        resolved = resolved.selecting(output)
+    resolved = resolve_loss(loss, default=info.loss or "cross-entropy",
+                            output=output if output is not None else opened.info.output)
     model = opened.build_model(info.facts)
     kwargs = {**_facts_record(info), **opened.info.model_kwargs}
     task = Task(model=model, data=info, loss=resolved, model_spec=opened.info.model_spec,
@@ -196,11 +194,9 @@ def new_task(model_spec: str, data: DataInfo, *, loss: str | Loss | None = None,
     model's output ``output`` (:mod:`hessdiag.outputs`)."""
     kwargs = {**_facts_record(data), **(model_kwargs or {})}
     model = build_model(model_spec, **kwargs)
-    resolved = resolve_loss(loss, default=data.loss or "cross-entropy")
-    if output is not None:
-        resolved = resolved.selecting(output)
-    task = Task(model=model, data=data, loss=resolved, model_spec=model_spec,
-                model_kwargs=kwargs)
+    task = Task(model=model, data=data, loss=resolve_loss(
+        loss, default=data.loss or "cross-entropy", output=output), model_spec=model_spec,
+        model_kwargs=kwargs)
     if check:
         task.check()
     return task

@@ -37,7 +37,8 @@ def test_the_rule_takes_logits_else_the_first_tensor():
 
 
 @pytest.mark.parametrize("outputs, key, words", [
-    ({"x": torch.zeros(1)}, "logits", "--output logits: the model returned a dict with keys x"),
+    ({"x": torch.zeros(1)}, "logits",
+     "--model-output logits: the model returned a dict with keys x"),
     ((torch.zeros(1),), "2", "give an index from 0 to 0"),
     ((torch.zeros(1),), "x", "give an index from 0 to 0"),
     (torch.zeros(1), "logits", "which has no parts to choose from"),
@@ -57,16 +58,19 @@ def test_described_with_keys_and_lengths():
 
 # --------------------------------------------------------------------------- --model-output
 
-FACTORIES = '''
+DATA = '''
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from neighbour_parts_{tag} import Body      # a module beside this file
 
 
 def data(split="train"):
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g))
+'''
+
+FACTORIES = DATA + '''
+from neighbour_parts_{tag} import Body      # a module beside this file
 
 
 class TwoHeads(nn.Module):
@@ -139,7 +143,7 @@ def test_model_output_chooses_a_tuple_part_and_neighbours_import(two_heads, tmp_
     code, out, err = run_cli([*common, "--model-output", "logits", "--store",
                               tmp_path / "c.h5"])
     assert code == 2 and err.count("\n") == 1, err
-    assert "--output logits: the model returned a tuple of 2" in err
+    assert "--model-output logits: the model returned a tuple of 2" in err
 
 
 def test_train_records_the_choice_in_its_checkpoints(two_heads, tmp_path):
@@ -255,16 +259,7 @@ def test_the_hugging_face_example_of_the_tasks_page_runs_as_written(hf, tmp_path
     assert analysis["lambda_max"] > 0 and analysis["model"] == "hf.py:model"
 
 
-MISFIT = '''
-import torch
-from torch import nn
-from torch.utils.data import TensorDataset
-
-
-def data(split="train"):
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g))
-
+MISFIT = DATA + '''
 
 class Net(nn.Module):
     def __init__(self):
