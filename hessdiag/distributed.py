@@ -20,12 +20,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from hessdiag._errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+# torch is imported where it is used: the command line's entry point asks :func:`launched`
+# before every command, and `hessdiag --help` should not wait for torch.
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 TIMEOUT_ENV = "HESSDIAG_DIST_TIMEOUT"
@@ -111,6 +115,8 @@ def timeout() -> float:
 
 
 def _wants_cuda(device: str | None) -> bool:
+    import torch
+
     if not torch.cuda.is_available():
         return False
     return device is None or device == "auto" or str(device).startswith("cuda")
@@ -122,6 +128,7 @@ def init(device: str | None = "auto") -> World:
     device) when ``device`` is CUDA or ``auto`` on a machine with GPUs, Gloo for CPU
     tensors always. Not launched by ``torchrun`` (or with one process): nothing happens
     and ``World(0, 1, 0)`` is returned."""
+    import torch
     import torch.distributed as dist
 
     if _available():
@@ -157,6 +164,8 @@ def shutdown() -> None:
 
 def local_device() -> torch.device | None:
     """``cuda:LOCAL_RANK`` in a distributed job on a machine with GPUs, else ``None``."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     env = launched()
@@ -240,6 +249,8 @@ class Collective:
                device: torch.device | str = "cpu") -> tuple[float, ...]:
         """Sum numbers over all processes (float64); raise as :meth:`sum_and_count` does
         when any process passes an ``error``."""
+        import torch
+
         box = torch.tensor([*values, float(error is not None)], dtype=torch.float64,
                            device=device)
         all_reduce_sum(box)
