@@ -30,7 +30,7 @@ the process's peak resident set size elsewhere. Optional steps (PyHessian, compi
 started after ``--budget`` seconds, so that a slow GPU still finishes in time.
 
 ``--tiny``: batch 4 of 8x8 images for the ResNet-18 (it takes any size), a 2-layer ViT of width
-32 on 16x16 images, 2 products per timing, 3 columns per block, top-5 capped at 8 products
+32 on 16x16 images, 1 product per timing, 2 columns per block, top-5 capped at 6 products
 and PyHessian at 1 iteration per eigenvalue (so its values are not converged), and no
 compile unless ``--compile on`` (compiling a product takes minutes on a CPU).
 Exit code 1 when any of hessdiag's measurements failed.
@@ -313,9 +313,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--batch-size", type=int, default=None, help="default 64, 4 with --tiny")
     p.add_argument("--repeats", type=int, default=None,
-                   help="products per matvec timing (default 10, 2 with --tiny)")
+                   help="products per matvec timing (default 10, 1 with --tiny)")
     p.add_argument("--columns", type=int, default=None,
-                   help="columns of the matmat blocks (default 8, 3 with --tiny)")
+                   help="columns of the matmat blocks (default 8, 2 with --tiny)")
     p.add_argument("--block-repeats", type=int, default=None,
                    help="timed matmat blocks (default 3, 1 with --tiny)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -330,10 +330,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     tiny = args.tiny
     args.batch_size = args.batch_size or (4 if tiny else 64)
-    args.repeats = args.repeats or (2 if tiny else 10)
-    args.columns = args.columns or (3 if tiny else 8)
+    args.repeats = args.repeats or (1 if tiny else 10)
+    args.columns = args.columns or (2 if tiny else 8)
     args.block_repeats = args.block_repeats or (1 if tiny else 3)
-    args.top5_cap = 8 if tiny else None
+    args.top5_cap = 6 if tiny else None
     args.pyhessian_iters = 1 if tiny else 100
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if set(args.models) - set(MODELS):
