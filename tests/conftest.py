@@ -18,6 +18,29 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+def _cache_typer_commands() -> None:
+    """typer's ``CliRunner.invoke`` converts the whole Typer app into click commands on
+    every call (signatures and annotations of every command: about 20 ms); the suite
+    invokes the CLI hundreds of times in-process. A built command is kept per app (click
+    commands keep no state between invocations; the app is a real ``hessdiag`` process's)."""
+    import weakref
+
+    import typer.testing
+
+    build = typer.testing._get_command
+    built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get_command(app):
+        if app not in built:
+            built[app] = build(app)
+        return built[app]
+
+    typer.testing._get_command = get_command
+
+
+_cache_typer_commands()
+
+
 # Tests that take many seconds, roughly slowest first (measured under pytest-xdist on a
 # shared 2-core machine). They are collected first so that the two workers start on them
 # together and the short tests fill in around them; a long test left to the end of the run
