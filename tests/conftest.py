@@ -1,4 +1,5 @@
-"""Shared test fixtures: a zoo of small models and dense float64 Hessians as the truth."""
+"""Shared test fixtures and helpers: the in-process CLI, dense float64 Hessians as the truth
+(for the models of model_zoo.py and others), and the order of the slow tests."""
 
 from __future__ import annotations
 
@@ -8,14 +9,25 @@ import importlib.util
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from torch import nn
 
-# the tests use tiny problems: one thread avoids thread start-up and spin-wait costs that
-# dominate (and vary wildly on a loaded machine) at these sizes
-torch.set_num_threads(1)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported where it is used, not here: pytest-xdist's controller process imports
+# this file before it starts the workers, and runs no test.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The tests use tiny problems: one thread avoids thread start-up and spin-wait costs
+    that dominate (and vary wildly on a loaded machine) at these sizes."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _cache_typer_commands() -> None:
@@ -116,6 +128,9 @@ def run_cli(args, env=None):
 def trained_digits_mlp(directory: Path, kw: dict, steps: int, samples: int):
     """An ``mlp`` (``kw``) after ``steps`` full-batch SGD steps (lr 0.1) on the first
     ``samples`` bundled digits, saved as a hessdiag checkpoint: ``(path, model)``."""
+    import torch
+    from torch import nn
+
     from hessdiag.checkpoints import save_checkpoint
     from hessdiag.data.digits import load_digits
     from hessdiag.models import build_model
@@ -134,13 +149,16 @@ def trained_digits_mlp(directory: Path, kw: dict, steps: int, samples: int):
     return path, model
 
 
-_DENSE_CACHE: dict[str, torch.Tensor] = {}
+_DENSE_CACHE: dict[str, torch.Tensor] = {}  # key -> Hessian, in this process
 
 
 def _dense_key(model: nn.Module, loss_fn, batches, names) -> str | None:
     """A digest of everything the dense Hessian depends on (the model's class, structure,
     parameters and buffers, the loss, the batches, the parameter names), or ``None`` when
     the loss is not a plain torch loss module (a function could close over anything)."""
+    import torch
+    from torch import nn
+
     if not (isinstance(loss_fn, nn.Module)
             and type(loss_fn).__module__ == "torch.nn.modules.loss"):
         return None
@@ -187,6 +205,8 @@ def dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tenso
 
 
 def _dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
+    import torch
+
     model = copy.deepcopy(model).double().eval()
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     names = list(params) if names is None else list(names)
@@ -219,110 +239,21 @@ def _dense_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tens
     return H
 
 
-class SharedWeights(nn.Module):
-    """The same linear layer applied twice (weight sharing)."""
+def pytest_generate_tests(metafunc):
+    """``zoo_case`` runs once per model of :data:`model_zoo.ZOO`."""
+    if "zoo_case" in metafunc.fixturenames:
+        from model_zoo import ZOO
 
-    def __init__(self):
-        super().__init__()
-        self.shared = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+        metafunc.parametrize("zoo_case", sorted(ZOO), indirect=True)
 
 
-class GRUClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(3, 4, batch_first=True)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.gru(x)[0][:, -1])
-
-
-class TinyTransformer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.1,
-                                                  batch_first=True)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.encoder(x).mean(dim=1))
-
-
-def _cnn_bn():
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
-    )
-    with torch.no_grad():  # non-trivial running statistics and affine parameters
-        model.train()
-        for _ in range(3):
-            model(torch.randn(16, 1, 6, 6) * 2 + 0.5)
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-0.5, 0.5)
-    return model
-
-
-class _Block(nn.Module):
-    """A ResNet basic block: two 3x3 convolutions with BatchNorm, and a strided 1x1
-    convolution with BatchNorm on the shortcut when the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-def _resnet_bn():
-    """A ResNet in miniature (stem, an identity block, a strided block with a projection
-    shortcut, global pooling): 510 parameters, BatchNorm in eval mode with non-trivial
-    running statistics and affine parameters."""
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3),
-                          nn.ReLU(), _Block(3, 3), _Block(3, 4, stride=2),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-    with torch.no_grad():
-        model.train()
-        for _ in range(3):
-            model(torch.randn(16, 1, 6, 6) * 2 + 0.5)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
-
-
-def _batches(make_x, n_classes=3, sizes=(7, 5, 8)):
-    return [(make_x(n), torch.randint(0, n_classes, (n,))) for n in sizes]
-
-
-ZOO = {
-    "mlp-tanh": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
-                 lambda n: torch.randn(n, 4)),
-    "cnn-batchnorm-eval": (_cnn_bn, lambda n: torch.randn(n, 1, 6, 6)),
-    "resnet-batchnorm-eval": (_resnet_bn, lambda n: torch.randn(n, 1, 6, 6)),
-    "mlp-dropout": (lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5),
-                                          nn.Linear(6, 3)), lambda n: torch.randn(n, 4)),
-    "weight-sharing": (SharedWeights, lambda n: torch.randn(n, 4)),
-    "gru": (GRUClassifier, lambda n: torch.randn(n, 5, 3)),
-    "transformer-encoder": (TinyTransformer, lambda n: torch.randn(n, 3, 4)),
-}
-
-
-@pytest.fixture(params=sorted(ZOO))
+@pytest.fixture
 def zoo_case(request):
     """(name, model, loss_fn, batches of unequal sizes) for each model of the zoo."""
+    import torch
+    from model_zoo import ZOO, _batches
+    from torch import nn
+
     torch.manual_seed(1234)
     make_model, make_x = ZOO[request.param]
     model = make_model()
@@ -335,6 +266,8 @@ def no_network(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("network access attempted")
+
+    import torch
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)

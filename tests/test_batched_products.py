@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ZOO, _batches, dense_hessian
+from conftest import dense_hessian
 from hessdiag.cli.app import app
+from model_zoo import ZOO, _batches
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import _cnn_bn as conftest_cnn_bn
 from conftest import run_cli as run
 from conftest import trained_digits_mlp
+from model_zoo import _cnn_bn as conftest_cnn_bn
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

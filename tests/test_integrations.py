@@ -11,8 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import _cnn_bn, dense_hessian
+from conftest import dense_hessian
 from conftest import run_cli as run
+from model_zoo import _cnn_bn
 from torch import nn
 
 from hessdiag.monitor import SharpnessMonitor
