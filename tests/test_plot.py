@@ -54,6 +54,14 @@ def store(tmp_path_factory):
     return source
 
 
+@pytest.fixture(scope="module")
+def report_page(store, tmp_path_factory):
+    """The store's report, written once for the tests that only read it."""
+    from hessdiag.report import write_report
+
+    return write_report(store, tmp_path_factory.mktemp("report") / "report.html")
+
+
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield
@@ -274,13 +282,11 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser",
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine "
                     "(apt-get install chromium)")
-def test_report_renders_in_headless_chromium(store, tmp_path):
+def test_report_renders_in_headless_chromium(report_page, tmp_path):
     """The page as a browser draws it, offline: the screenshot holds the figures (the
     embedded images decode and draw far more than the same page without them)."""
     import re
     import subprocess
-
-    from hessdiag.report import write_report
 
     def ink(page):
         shot = page.with_suffix(".png")
@@ -293,7 +299,7 @@ def test_report_renders_in_headless_chromium(store, tmp_path):
         assert image.shape[:2] == (2400, 1200)
         return float((image[..., :3] < 0.9).any(axis=2).mean())
 
-    page = write_report(store, tmp_path / "report.html")
+    page = report_page
     # the same page with every image's data removed: what the text alone draws
     blank = tmp_path / "blank.html"
     blank.write_text(re.sub(r"src='data:image/png;base64,[^']*'", "src=''",
@@ -459,16 +465,14 @@ def test_show_tells_float32_and_float64_analyses_apart(store, tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine "
                     "(apt-get install chromium)")
-def test_report_fits_a_1280_pixel_window_in_headless_chromium(store, tmp_path):
+def test_report_fits_a_1280_pixel_window_in_headless_chromium(report_page, tmp_path):
     """Measured by the browser: a copy of the page with a script that writes the page's
     scrollWidth and each table's right edge into the body (``--dump-dom``), and a
     1280-pixel screenshot whose right margin is blank."""
     import json
     import subprocess
 
-    from hessdiag.report import write_report
-
-    page = write_report(store, tmp_path / "report.html")
+    page = report_page
     probe = tmp_path / "probe.html"
     script = ("<script>var d=document.documentElement;var r={page:d.scrollWidth,"
               "view:d.clientWidth,tables:Array.from(document.querySelectorAll('table'),"
