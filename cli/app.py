@@ -1520,6 +1520,19 @@ def datasets(
     render.stdout.print(render.rows_table(rows, "data sets"))
 
 
+def _exit(code: Any) -> None:
+    """``sys.exit(code)``, after a last garbage collection and ``gc.freeze()`` when torch
+    was imported: the interpreter's collections at exit would otherwise walk every object
+    torch (and torch._dynamo, which its optimizers import) created, about 0.4-0.7 s of CPU
+    per process for nothing. What is garbage now is collected (finalizers run) as before."""
+    if "torch" in sys.modules:
+        import gc
+
+        gc.collect()
+        gc.freeze()
+    sys.exit(code)
+
+
 def main() -> None:
     from hessdiag.distributed import launched
 
@@ -1533,7 +1546,7 @@ def main() -> None:
         try:
             app(prog_name="hessdiag")  # the usage line names the command, not python -m
         except SystemExit as exc:
-            sys.exit(exc.code)
+            _exit(exc.code)
         return
     # torchrun: every process runs the command; only rank 0 prints results and writes
     import os
@@ -1557,4 +1570,4 @@ def main() -> None:
         if quiet is not None:
             sys.stdout = sys.__stdout__
             quiet.close()
-    sys.exit(code)
+    _exit(code)
