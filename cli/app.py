@@ -1521,14 +1521,15 @@ def datasets(
 
 
 def _exit(code: Any) -> None:
-    """``sys.exit(code)``, after a last garbage collection and ``gc.freeze()`` when torch
-    was imported: the interpreter's collections at exit would otherwise walk every object
-    torch (and torch._dynamo, which its optimizers import) created, about 0.4-0.7 s of CPU
-    per process for nothing. What is garbage now is collected (finalizers run) as before."""
+    """``sys.exit(code)``, after ``gc.freeze()`` when torch was imported: the interpreter's
+    collections at exit would otherwise walk every object torch (and torch._dynamo, which
+    its optimizers import) created, about 0.4-0.7 s of CPU per process for nothing. (No
+    collection first: in a process forked from a large one, as the tutorial test's server
+    forks, it would touch every inherited object. Nothing of hessdiag's needs a finalizer
+    at exit: stores, checkpoints and outputs are closed when written.)"""
     if "torch" in sys.modules:
         import gc
 
-        gc.collect()
         gc.freeze()
     sys.exit(code)
 
