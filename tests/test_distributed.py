@@ -1,8 +1,10 @@
 """hessdiag across two processes (torchrun, Gloo on the CPU) against one process: the
 spectrum of an image and of a padded token task, alignment, landscapes whose grid points
 are split across the processes, SGD / SAM / Eigen-SAM training, and a
-failure on one rank. Each torchrun launch costs seconds, so the distributed side of most
-tests runs in one launch (a script running several commands in one process group)."""
+failure on one rank. Each torchrun launch costs seconds (torch is imported by torchrun and
+by each process), so the distributed side of every test but the failing rank's runs in one
+launch (a script running several commands in one process group, the last as
+`python -m hessdiag` runs it)."""
 
 import json
 import os
@@ -39,15 +41,26 @@ RUNS = {"sgd": ["--optimizer", "sgd"],
         "eigensam-sync": ["--optimizer", "eigensam", "--sync-perturbation", "--eig-every", "2",
                           "--eig-iters", "3"]}
 
-# several commands in one process group: rank 0's stdout of each goes to NAME.json
+# several commands in one process group: rank 0's stdout of each goes to NAME.json; the
+# last job, if named "main", runs as `python -m hessdiag` does (hessdiag.cli.app.main: it
+# mutes the other ranks and leaves the process group), printing to the real stdout
 JOBS = '''
-import json, sys
-from hessdiag.cli.app import app
+import json, os, sys
+from hessdiag.cli.app import app, main
 from hessdiag.distributed import init, is_main, shutdown
 
 init("cpu")
 jobs, out = json.loads(sys.argv[1]), sys.argv[2]
 for name, args in jobs:
+    if name == "main":
+        sys.argv = ["hessdiag", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        print(f"{name} exit {code}", file=sys.stderr)
+        continue
     with open(f"{out}/{name}.json" if is_main() else "/dev/null", "w") as fh:
         sys.stdout = fh
         try:
@@ -57,6 +70,9 @@ for name, args in jobs:
         sys.stdout = sys.__stdout__
     print(f"{name} exit {code}", file=sys.stderr)
 shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # torch's interpreter teardown costs each process about a second
 '''
 
 
@@ -66,10 +82,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# what the `torchrun` script runs, leaving without the interpreter's exit-time collections
+# over everything torch created (half a second of CPU)
+TORCHRUN = ("import atexit, gc, sys; atexit.register(gc.freeze); "
+            "from torch.distributed.run import main; sys.exit(main())")
+
+
 def torchrun(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        [sys.executable, "-c", TORCHRUN, "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -115,23 +137,10 @@ def test_shards_are_disjoint_contiguous_and_cover_everything():
     assert World().size == 1 and not World().distributed
 
 
-def test_spectrum_on_two_processes_equals_one_process(tmp_path):
-    # 151 samples: shards of 76 and 75, batches of 40 that the shards cut differently
-    args = ["spectrum", str(DIGITS), "--samples", "151", "--batch-size", "40", *SPECTRUM]
-    done = torchrun(["-m", "hessdiag", *args, "--store", "two.h5"], tmp_path)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1  # rank 1 prints nothing
-    two = json.loads(lines[0])
-    one = one_process([*args, "--store", "one.h5"], tmp_path)
-    assert_same_spectrum(one, two)
-    analyses = Store(tmp_path / "two.h5").analyses()  # rank 0 alone wrote it
-    assert [a.id for a in analyses] == [two["analysis_id"]]
-
-
 @pytest.fixture(scope="module")
 def two_process_jobs(tmp_path_factory):
-    """The commands of the tests below, run in one two-process launch."""
+    """The commands of the tests below, run in one two-process launch (the last as
+    `python -m hessdiag` runs it)."""
     where = tmp_path_factory.mktemp("dist")
     data = load_dataset("text", samples=9)  # padded token sequences, per-token loss
     torch.manual_seed(0)
@@ -153,6 +162,9 @@ def two_process_jobs(tmp_path_factory):
     for name, extra in RUNS.items():
         jobs[name] = [*TRAIN, *extra, "--run-name", name, "--checkpoint-dir", "two",
                       "--store", "two.h5"]
+    # 151 samples: shards of 76 and 75, batches of 40 that the shards cut differently
+    jobs["main"] = ["spectrum", str(DIGITS), "--samples", "151", "--batch-size", "40",
+                    *SPECTRUM, "--store", "main.h5"]
     script = where / "jobs.py"
     script.write_text(JOBS)
     done = torchrun([str(script), json.dumps(list(jobs.items())), str(where)], where,
@@ -160,7 +172,19 @@ def two_process_jobs(tmp_path_factory):
     assert done.returncode == 0, done.stderr
     for name in jobs:
         assert f"{name} exit 0" in done.stderr, done.stderr
+    (where / "stdout.txt").write_text(done.stdout)  # the "main" job's, of both ranks
     return where, jobs
+
+
+def test_spectrum_on_two_processes_equals_one_process(two_process_jobs):
+    where, jobs = two_process_jobs
+    lines = (where / "stdout.txt").read_text().strip().splitlines()
+    assert len(lines) == 1  # rank 1 prints nothing
+    two = json.loads(lines[0])
+    one = one_process([*jobs["main"][:-1], "one.h5"], where)
+    assert_same_spectrum(one, two)
+    analyses = Store(where / "main.h5").analyses()  # rank 0 alone wrote it
+    assert [a.id for a in analyses] == [two["analysis_id"]]
 
 
 def test_token_task_spectrum_on_two_processes_equals_one_process(two_process_jobs):
