@@ -83,7 +83,7 @@ def _new(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = SIZE):
     return fig, axes
 
 
-def tight_layout(fig: Any) -> None:
+def _tight_layout(fig: Any) -> None:
     """``fig.tight_layout()``, the layout then final. Matplotlib's leaves a placeholder
     layout engine on the figure, and ``savefig`` lays out a figure that has an engine once
     more (a whole draw without rendering: about a third of a save) though the placeholder
@@ -122,7 +122,7 @@ def _finish(fig: Any, title: str | None) -> Any:
         fig.suptitle(title, fontsize=10)
     for ax in fig.axes:
         plain_log_ticks(ax)
-    tight_layout(fig)
+    _tight_layout(fig)
     return fig
 
 
@@ -199,7 +199,7 @@ def plot_density(result: SLQResult, path: str | Path, *, sigma: float | None = N
                           f"{result.steps} steps, sigma={sigma:.2g})", fontsize=9)
     _legend_below(ax, ncol=2)
     plain_log_ticks(ax)
-    tight_layout(fig)
+    _tight_layout(fig)
     return save(fig, path)
 
 
