@@ -19,9 +19,10 @@ Starting Python and importing torch costs 4-6 s a process on a loaded 2-core mac
 which alone would take the 18 commands over a minute. So by default ``hessdiag`` on
 ``PATH`` is a small client that hands its arguments, environment, working directory and
 its stdin/stdout/stderr to a server process which imported ``hessdiag.cli`` (and torch,
-scipy, matplotlib, h5py) once and forks a child per command; the child runs the console
-script's own entry point, ``hessdiag.cli.app:main``, and its exit code becomes the
-client's. ``HESSDIAG_TUTORIAL_COLD=1`` runs every command through the venv's real
+matplotlib, h5py, what the commands import lazily) and drew one figure once, and forks a
+child per command; the child runs the console script's own entry point,
+``hessdiag.cli.app:main``, and its exit code becomes the client's.
+``HESSDIAG_TUTORIAL_COLD=1`` runs every command through the venv's real
 ``hessdiag`` console script instead (several minutes).
 """
 
@@ -50,17 +51,33 @@ _FENCE = re.compile(r"^```bash\s*$", re.M)
 _WRITES = re.compile(r"(?:\s-o|--out|--plot)\s+(\$OUT/\S+)")
 
 _SERVER = r'''
-import json, os, signal, socket, sys
+import contextlib, io, json, os, signal, socket, sys
 import pkgutil, importlib
-import h5py, matplotlib, scipy.stats, torch
+import h5py, matplotlib, torch
+# what the commands import as they run (each child would import it anew): scipy.special
+# (intervals), the PNG writer's plugins, contours, thread limits, and pydantic (typer
+# converts every parameter through it: 0.15 s a command)
+import contourpy, PIL.Image, scipy.special, threadpoolctl
+PIL.Image.preinit()
+with contextlib.suppress(ImportError):
+    import typer._adapters
 matplotlib.use("Agg")
-import matplotlib.pyplot
+import matplotlib.pyplot as plt
 import hessdiag
 from hessdiag.cli.app import main
 for mod in pkgutil.walk_packages(hessdiag.__path__, "hessdiag."):
     if ".experiments" not in mod.name and ".integrations" not in mod.name:
         importlib.import_module(mod.name)
 torch.optim.SGD([torch.nn.Parameter(torch.empty(1))], lr=0.1)  # imports torch._dynamo
+# one figure drawn: the font, text and mathtext caches every plotting child would fill
+fig, ax = plt.subplots()
+ax.semilogy([1, 2], [1, 100], label="a")
+fig.colorbar(ax.contourf([[1, 2], [3, 4]]), ax=ax)
+ax.legend()
+fig.suptitle("b")
+fig.tight_layout()
+fig.savefig(io.BytesIO(), format="png")
+plt.close(fig)
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 srv.bind(sys.argv[1])

@@ -149,9 +149,10 @@ def run(out: str | Path, *, quick: bool = False,
                 top_k=1, device="cpu"), data=DataSettings(samples=plan.spectrum_samples),
                 store=store)
     minutes = (time.perf_counter() - start) / 60
-    draw(store.snapshot(), plan, out / "figures")  # every figure from one reading
+    snapshot = store.snapshot()  # the figures and the page from one reading
+    draw(snapshot, plan, out / "figures")
     page = out / f"{NAME}.md"
-    page.write_text(render(store, plan, minutes))
+    page.write_text(render(snapshot, plan, minutes))
     return page
 
 

@@ -811,6 +811,10 @@ class Snapshot:
     def analyses(self) -> list[Record]:
         return list(self._analyses)
 
+    def snapshot(self) -> Snapshot:
+        """Itself (it is one already): code that takes a store or a snapshot reads it once."""
+        return self
+
     def run(self, run_id: str) -> Record:
         return self._one(self._runs, run_id, "run")
 
