@@ -5,10 +5,19 @@ BIN    := $(VENV)/bin
 # test processes (pytest-xdist); each test runs its torch on one thread
 JOBS   ?= 2
 PIP    := $(BIN)/pip install --no-compile --disable-pip-version-check -q -c constraints.txt
-# Python writes the bytecode of what it imports, once, wherever PYTHONDONTWRITEBYTECODE is
-# set in the calling shell: pip's own byte-compiling of every installed file (about a
-# minute for torch, transformers and the rest, most of it never imported) is left out,
-# and without bytecode on disk every process would compile what it imports anew.
+# pip byte-compiles one file after another (about a minute for torch, transformers and the
+# rest); compileall does it on $(JOBS) processes instead (about 15 s), leaving out what is
+# never imported (pip itself, the ~250 model families of transformers but those the tests
+# use). Without bytecode on disk the first test run's processes, a dozen of them starting
+# at once, would each compile torch anew (a first `make test` took 90 s longer). Third-party
+# files that are not Python (templates) fail to compile: expected, hence the silence and
+# the `|| true`.
+COMPILE = $(BIN)/python -m compileall -q -j $(JOBS) \
+	-x '/pip/|/transformers/models/(?!(auto|gpt2|bert)/)' \
+	"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" hessdiag cli \
+	>/dev/null 2>&1 || true
+# and what compileall left out is compiled once, by the first process that imports it,
+# also where PYTHONDONTWRITEBYTECODE is set in the calling shell
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test lint bench docs clean
@@ -18,11 +27,13 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[plot]'
+	$(COMPILE)
 	touch $@
 
 # one resolve for everything the tests need (it includes what demo needs)
 $(VENV)/.installed-test: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[plot,test]'
+	$(COMPILE)
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
