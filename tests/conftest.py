@@ -287,7 +287,6 @@ def read_only_path(tmp_path: Path, name: str) -> Path:
     return ro / name
 
 
-
 def pytest_unconfigure(config):
     """The session is over (in each pytest-xdist worker too): a last collection, then
     ``gc.freeze()``, so that the interpreter's collections at exit do not walk every object
